@@ -1,0 +1,146 @@
+"""Olive pass ``OnnxInt4RtnQuantization``: the MatMulNBits rewrite as one step of an Olive workflow."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from olive.hardware.accelerator import AcceleratorSpec
+from olive.model import ONNXModelHandler
+from olive.passes import Pass
+from olive.passes.pass_config import BasePassConfig, PassConfigParam
+
+from olive_int4_pass import __version__
+from olive_int4_pass.options import LM_HEAD_CHOICES, QuantizeOptions
+from olive_int4_pass.quantize import DATA_NAME, MODEL_NAME, quantize_file
+
+logger = logging.getLogger(__name__)
+
+
+class OnnxInt4RtnQuantization(Pass):
+    """Quantize MatMul/Gemm weights block-wise (round to nearest) into com.microsoft::MatMulNBits.
+
+    Defaults reproduce the onnxruntime-genai model builder's ``-p int4`` bytes: block 32, symmetric, 4 bits,
+    every MatMul with a constant weight (``lm_head`` included), the embedding left in float. Graph input and
+    output names are kept. Output: ``model.onnx`` + ``model.onnx.data``.
+    """
+
+    @classmethod
+    def _default_config(cls, accelerator_spec: AcceleratorSpec) -> dict[str, PassConfigParam]:
+        return {
+            "block_size": PassConfigParam(
+                type_=int,
+                default_value=32,
+                description="Values per quantization block along K: a power of two >= 16. Default 32.",
+            ),
+            "bits": PassConfigParam(
+                type_=int,
+                default_value=4,
+                description="Bits per weight: 4 (default) or 8.",
+            ),
+            "is_symmetric": PassConfigParam(
+                type_=bool,
+                default_value=True,
+                description=(
+                    "Symmetric (signed scale, no zero points; the reference's default) or asymmetric (uint4 with"
+                    " packed zero points)."
+                ),
+            ),
+            "accuracy_level": PassConfigParam(
+                type_=int,
+                default_value=None,
+                description=(
+                    "MatMulNBits accuracy_level attribute (0-4). Unset (default) omits it as the builder does for"
+                    " CUDA; 4 (int8 compute) is what the builder writes for CPU."
+                ),
+            ),
+            "nodes_to_include": PassConfigParam(
+                type_=list[str],
+                default_value=None,
+                description="Only quantize nodes whose name matches one of these exact names or glob patterns.",
+            ),
+            "nodes_to_exclude": PassConfigParam(
+                type_=list[str],
+                default_value=None,
+                description="Never quantize nodes whose name matches one of these exact names or glob patterns.",
+            ),
+            "lm_head": PassConfigParam(
+                type_=str,
+                default_value="quantize",
+                description=(
+                    f"The final projection (MatMul producing a graph output): one of {LM_HEAD_CHOICES}."
+                    " 'quantize' like the others (default), 'int8' at 8 bits, 'float' left unquantized."
+                ),
+            ),
+            "fuse_bias": PassConfigParam(
+                type_=bool,
+                default_value=False,
+                description=(
+                    "Fold Add(MatMul(X, W), b) into MatMulNBits' bias input. Off by default: the builder keeps the"
+                    " Add, and not every execution provider's MatMulNBits accepts a bias."
+                ),
+            ),
+            "save_as_external_data": PassConfigParam(
+                type_=bool,
+                default_value=True,
+                description=(
+                    "Write weights to an external data file (default, valid beyond protobuf's 2 GB limit). Models"
+                    " above 1 GB of weights are always saved with external data."
+                ),
+            ),
+            "external_data_name": PassConfigParam(
+                type_=str,
+                default_value=DATA_NAME,
+                description=f"Name of the external data file. Default {DATA_NAME}.",
+            ),
+            "size_threshold": PassConfigParam(
+                type_=int,
+                default_value=1024,
+                description="Tensors of at least this many bytes go to the external data file.",
+            ),
+            "all_tensors_to_one_file": PassConfigParam(
+                type_=bool,
+                default_value=True,
+                description="Must be true: all external tensors are written to one file.",
+            ),
+            "plugin_version": PassConfigParam(
+                type_=str,
+                default_value=__version__,
+                description="Version of olive-int4-pass. Part of Olive's cache key, so an upgrade never reuses"
+                " outputs cached by an older release. Leave as is.",
+            ),
+        }
+
+    def _run_for_config(
+        self, model: ONNXModelHandler, config: type[BasePassConfig], output_model_path: str
+    ) -> ONNXModelHandler:
+        if not isinstance(model, ONNXModelHandler):
+            raise TypeError(f"{type(self).__name__} needs an ONNX model, got {type(model).__name__}")
+        if not config.all_tensors_to_one_file:
+            raise ValueError("all_tensors_to_one_file=false is not supported: weights go to one external file")
+        output_dir = Path(output_model_path)
+        output_dir = output_dir.parent if output_dir.suffix == ".onnx" else output_dir
+        model_file = quantize_file(
+            model.model_path,
+            output_dir,
+            _options_from(config),
+            model_name=MODEL_NAME,
+            external_data_name=config.external_data_name if config.save_as_external_data else None,
+            size_threshold=config.size_threshold,
+        )
+        return ONNXModelHandler(
+            model_path=str(output_dir), onnx_file_name=model_file.name, model_attributes=model.model_attributes
+        )
+
+
+def _options_from(config: type[BasePassConfig]) -> QuantizeOptions:
+    return QuantizeOptions(
+        block_size=config.block_size,
+        bits=config.bits,
+        is_symmetric=config.is_symmetric,
+        accuracy_level=config.accuracy_level,
+        nodes_to_include=config.nodes_to_include,
+        nodes_to_exclude=config.nodes_to_exclude,
+        lm_head=config.lm_head,
+        fuse_bias=config.fuse_bias,
+    )

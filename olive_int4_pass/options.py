@@ -1,0 +1,60 @@
+"""User-facing quantization options, validated once and shared by the rewrite rules, the CLI and the Olive pass."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Sequence
+
+from olive_int4_pass.block_quant import validate_bits, validate_block_size
+
+LM_HEAD_CHOICES = ("quantize", "int8", "float")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeOptions:
+    """What to quantize and how.
+
+    ``lm_head`` decides the final projection (a MatMul/Gemm whose output is a graph output): ``quantize`` like
+    every other MatMul, ``int8`` at 8 bits, or ``float`` to leave it untouched. ``fuse_bias`` folds
+    ``Add(MatMul(X, W), b)`` into MatMulNBits' bias input; it is off by default because the genai builder keeps
+    the Add (same graph as the reference) and not every execution provider's MatMulNBits takes a bias.
+    """
+
+    block_size: int = 32
+    bits: int = 4
+    is_symmetric: bool = True
+    accuracy_level: int | None = None
+    nodes_to_include: Sequence[str] | None = None
+    nodes_to_exclude: Sequence[str] | None = None
+    lm_head: str = "quantize"
+    fuse_bias: bool = False
+
+    def __post_init__(self) -> None:
+        validate_block_size(self.block_size)
+        validate_bits(self.bits)
+        if not isinstance(self.is_symmetric, bool):
+            raise TypeError(f"is_symmetric must be a bool, got {self.is_symmetric!r}")
+        if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"accuracy_level must be 0..4 or unset, got {self.accuracy_level!r}")
+        if self.lm_head not in LM_HEAD_CHOICES:
+            raise ValueError(f"lm_head must be one of {LM_HEAD_CHOICES}, got {self.lm_head!r}")
+        for field in ("nodes_to_include", "nodes_to_exclude"):
+            value = getattr(self, field)
+            if value is None:
+                continue
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise TypeError(f"{field} must be a list of node names or glob patterns, got {value!r}")
+            object.__setattr__(self, field, tuple(value))
+
+    def selects(self, node_name: str) -> tuple[bool, str]:
+        """Whether the user's include/exclude lists let ``node_name`` be quantized, and why not."""
+        if self.nodes_to_exclude and _matches(node_name, self.nodes_to_exclude):
+            return False, "excluded by nodes_to_exclude"
+        if self.nodes_to_include and not _matches(node_name, self.nodes_to_include):
+            return False, "not in nodes_to_include"
+        return True, ""
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)

@@ -1,0 +1,219 @@
+"""Quantize an ONNX model file: load lazily, check the input, apply the rewrite rules, publish atomically.
+
+This is the one code path behind the Olive pass and the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx_ir as ir
+
+from olive_int4_pass.options import QuantizeOptions
+from olive_int4_pass.rewrite_rules import MS_DOMAIN, QuantizationState, quantization_rules
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "model.onnx"
+DATA_NAME = "model.onnx.data"
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+class InvalidModelError(ValueError):
+    """The input is not a model we can quantize (missing, not ONNX, broken external data, bad weights)."""
+
+
+@dataclasses.dataclass
+class QuantizationReport:
+    """What one run did: counts by bit width, skipped nodes with reasons, removed float weights."""
+
+    quantized: dict[str, int]
+    skipped: dict[str, str]
+    removed_weights: list[str]
+
+    @property
+    def num_quantized(self) -> int:
+        return len(self.quantized)
+
+
+def quantize_model(model: ir.Model, options: QuantizeOptions) -> QuantizationReport:
+    """Rewrite ``model`` in place. Packed weights are lazy: they are computed when the model is saved."""
+    state = QuantizationState(options, model.graph)
+    quantization_rules(state).apply_to_model(model)
+    if state.quantized:
+        model.graph.opset_imports.setdefault(MS_DOMAIN, 1)
+    report = QuantizationReport(dict(state.quantized), dict(state.skipped), state.remove_replaced_weights())
+    _log_report(report)
+    return report
+
+
+def quantize_file(
+    input_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    options: QuantizeOptions | None = None,
+    *,
+    model_name: str = MODEL_NAME,
+    external_data_name: str | None = DATA_NAME,
+    size_threshold: int = 1024,
+    progress: bool | None = None,
+) -> Path:
+    """Quantize the ONNX model at ``input_path`` into ``output_dir/model_name`` (+ external data).
+
+    The output appears only when complete: it is written to a temporary folder next to ``output_dir`` and moved
+    into place at the end. The input is never modified. ``external_data_name=None`` writes a single file when
+    the model fits protobuf's 2 GB limit. ``progress=None`` shows a progress bar only on a terminal.
+    """
+    options = options or QuantizeOptions()
+    input_path = _resolve_input(Path(input_path))
+    output_dir = Path(output_dir)
+    model = load_checked(input_path)
+    report = quantize_model(model, options)
+    if report.num_quantized == 0:
+        logger.warning("No MatMul in %s could be quantized; writing the model unchanged.", input_path)
+    _refuse_overwriting_input(input_path, output_dir, model_name, external_data_name)
+    return save_atomically(
+        model,
+        output_dir,
+        model_name=model_name,
+        external_data_name=external_data_name,
+        size_threshold=size_threshold,
+        progress=progress,
+    )
+
+
+def load_checked(path: Path) -> ir.Model:
+    """Load an ONNX model without reading its external data, after checking that data is all there."""
+    try:
+        model = ir.load(path)
+    except Exception as e:  # protobuf raises DecodeError, a plain Exception subclass
+        raise InvalidModelError(f"{path} is not a readable ONNX model: {e}") from e
+    if len(model.graph) == 0 and not model.graph.outputs:
+        raise InvalidModelError(f"{path} holds no ONNX graph")
+    _check_external_data(model, path.parent)
+    return model
+
+
+def save_atomically(
+    model: ir.Model,
+    output_dir: Path,
+    *,
+    model_name: str = MODEL_NAME,
+    external_data_name: str | None = DATA_NAME,
+    size_threshold: int = 1024,
+    progress: bool | None = None,
+) -> Path:
+    """Save ``model`` into ``output_dir`` so that an interrupted run leaves nothing half-written there."""
+    if external_data_name is None and _initializer_bytes(model) > _PROTOBUF_LIMIT // 2:
+        logger.info("Model too large for a single protobuf file; saving weights to %s", DATA_NAME)
+        external_data_name = DATA_NAME
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
+    try:
+        with _progress_bar(model, progress) as callback:
+            if external_data_name:
+                ir.save(
+                    model,
+                    tmp / model_name,
+                    external_data=external_data_name,
+                    size_threshold_bytes=size_threshold,
+                    callback=callback,
+                )
+            else:
+                for tensor in _initializer_tensors(model):
+                    callback(tensor, None)
+                ir.save(model, tmp / model_name)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        # Data first, graph last: a model.onnx present means its data is complete.
+        for name in sorted(os.listdir(tmp), key=lambda n: n == model_name):
+            os.replace(tmp / name, output_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output_dir / model_name
+
+
+def _resolve_input(path: Path) -> Path:
+    if not path.exists():
+        raise InvalidModelError(f"input model {path} does not exist")
+    if path.is_dir():
+        candidates = sorted(path.glob("*.onnx"))
+        if len(candidates) != 1:
+            raise InvalidModelError(f"{path} must hold exactly one .onnx file, found {len(candidates)}")
+        path = candidates[0]
+    return path
+
+
+def _check_external_data(model: ir.Model, base_dir: Path) -> None:
+    for tensor in _initializer_tensors(model):
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        data_path = Path(tensor.base_dir or base_dir) / tensor.location
+        if not data_path.is_file():
+            raise InvalidModelError(f"external data file {data_path} of tensor {tensor.name!r} is missing")
+        size = data_path.stat().st_size
+        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+        if size < end:
+            raise InvalidModelError(
+                f"external data file {data_path} is truncated: tensor {tensor.name!r} needs bytes up to {end}, "
+                f"the file has {size}"
+            )
+
+
+def _refuse_overwriting_input(input_path: Path, output_dir: Path, model_name: str, data_name: str | None) -> None:
+    inputs = {input_path.resolve(), *(p.resolve() for p in input_path.parent.glob("*.data"))}
+    targets = {(output_dir / model_name).resolve()} | ({(output_dir / data_name).resolve()} if data_name else set())
+    clash = inputs & targets
+    if clash:
+        raise InvalidModelError(f"output would overwrite the input file(s) {sorted(map(str, clash))}")
+
+
+def _initializer_tensors(model: ir.Model):
+    for value in model.graph.initializers.values():
+        if value.const_value is not None:
+            yield value.const_value
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    return sum(t.nbytes for t in _initializer_tensors(model))
+
+
+class _progress_bar:
+    """A tqdm bar over the bytes written by ``ir.save`` (packed weights are computed during the save)."""
+
+    def __init__(self, model: ir.Model, enabled: bool | None) -> None:
+        from tqdm.auto import tqdm
+
+        disable = (not enabled) if enabled is not None else None  # None: only on a terminal
+        self._bar = tqdm(
+            total=_initializer_bytes(model), unit="B", unit_scale=True, desc="quantize+write", disable=disable
+        )
+        self._last: ir.TensorProtocol | None = None
+
+    def __enter__(self):
+        return self._callback
+
+    def _callback(self, tensor: ir.TensorProtocol, _info) -> None:
+        # Called before each tensor is written: account for the previous one.
+        if self._last is not None:
+            self._bar.update(self._last.nbytes)
+        self._last = tensor
+        self._bar.set_postfix_str(str(tensor.name)[-40:], refresh=False)
+
+    def __exit__(self, *exc) -> None:
+        if self._last is not None and exc[0] is None:
+            self._bar.update(self._last.nbytes)
+        self._bar.close()
+
+
+def _log_report(report: QuantizationReport) -> None:
+    by_bits: dict[int, int] = {}
+    for bits in report.quantized.values():
+        by_bits[bits] = by_bits.get(bits, 0) + 1
+    summary = ", ".join(f"{count} at {bits} bits" for bits, count in sorted(by_bits.items())) or "none"
+    logger.info("Quantized MatMuls: %s; removed %d float weights.", summary, len(report.removed_weights))
+    for name, reason in sorted(report.skipped.items()):
+        logger.info("Skipped %s: %s", name, reason)
