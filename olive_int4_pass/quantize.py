@@ -44,7 +44,8 @@ class QuantizationReport:
 def quantize_model(model: ir.Model, options: QuantizeOptions) -> QuantizationReport:
     """Rewrite ``model`` in place. Packed weights are lazy: they are computed when the model is saved."""
     state = QuantizationState(options, model.graph)
-    quantization_rules(state).apply_to_model(model)
+    for rule_set in quantization_rules(state):
+        rule_set.apply_to_model(model)
     if state.quantized:
         model.graph.opset_imports.setdefault(MS_DOMAIN, 1)
     report = QuantizationReport(dict(state.quantized), dict(state.skipped), state.remove_replaced_weights())

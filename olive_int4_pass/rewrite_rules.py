@@ -230,8 +230,10 @@ class GemmToMatMulNBits(_QuantizeRuleBase):
         transposed = bool(node.attributes.get_int("transB", 0))
         bits = self._state.plan(node, w, out, transposed)
         bias = _gemm_bias(node)
-        if bias is not None and bias.const_value is not None and len(bias.const_value.shape) != 1:
-            bias = op.initializer(ir.tensor(bias.const_value.numpy().reshape(-1)), f"{bias.name}_1d")
+        if bias is not None and len(bias.const_value.shape) != 1:
+            self._state.replaced_weights[id(bias)] = bias  # dropped below if nothing else reads it
+            # A copy, not a view: a view would pin the input's memory map.
+            bias = op.initializer(ir.tensor(bias.const_value.numpy().reshape(-1).copy()), f"{bias.name}_1d")
         return self._state.matmul_nbits(op, node, x, w, transposed, bits, bias=bias)
 
 
@@ -271,10 +273,12 @@ def _gemm_bias(node: ir.Node) -> ir.Value | None | bool:
     return c
 
 
-def quantization_rules(state: QuantizationState) -> RewriteRuleSet:
-    """The rule set, most specific pattern first."""
-    rules = [TransposedMatMulToMatMulNBits.rule(state)]
+def quantization_rules(state: QuantizationState) -> list[RewriteRuleSet]:
+    """Rule sets to apply in order. The bias fusion runs alone first: the rewriter visits the MatMul before its
+    Add, so in one set the plain MatMul rule would always win."""
+    rule_sets = []
     if state.options.fuse_bias:
-        rules.append(MatMulAddToMatMulNBits.rule(state))
-    rules += [MatMulToMatMulNBits.rule(state), GemmToMatMulNBits.rule(state)]
-    return RewriteRuleSet(rules)
+        rule_sets.append(RewriteRuleSet([MatMulAddToMatMulNBits.rule(state)]))
+    rules = [TransposedMatMulToMatMulNBits.rule(state), MatMulToMatMulNBits.rule(state), GemmToMatMulNBits.rule(state)]
+    rule_sets.append(RewriteRuleSet(rules))
+    return rule_sets

@@ -1,0 +1,81 @@
+"""Build small ONNX graphs, run them with onnxruntime, and rebuild a float reference from a quantized model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from olive_int4_pass.block_quant import QuantizedWeight, dequantize_blockwise
+
+OPSETS = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+
+
+def make_model(nodes, inputs, outputs, initializers, path: Path | None = None) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=[numpy_helper.from_array(v, k) for k, v in initializers.items()])
+    # onnxruntime loads IR <= 13 (onnx 1.23 writes 14 by default).
+    model = helper.make_model(graph, opset_imports=OPSETS, ir_version=10)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        on_disk = onnx.ModelProto()
+        on_disk.CopyFrom(model)  # onnx.save rewrites the proto it gets to point at external data
+        onnx.save(on_disk, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
+    return model
+
+
+def tensor_info(name: str, dtype, shape) -> onnx.ValueInfoProto:
+    elem = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.int64: TensorProto.INT64}[dtype]
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def run(model: str | Path | onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def nodes_of(model: onnx.ModelProto, op_type: str) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == op_type]
+
+
+def attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def dequantized_weight(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray:
+    """W[K, N] in float32 as the MatMulNBits node holds it."""
+    inits = initializers(model)
+    a = attrs(node)
+    zp = inits[node.input[3]] if len(node.input) > 3 and node.input[3] else None
+    q = QuantizedWeight(inits[node.input[1]], inits[node.input[2]], zp, a["K"], a["N"], a["block_size"], a["bits"])
+    return dequantize_blockwise(q)
+
+
+def float_reference(model_path: Path) -> onnx.ModelProto:
+    """The quantized model with every MatMulNBits replaced by MatMul(X, dequantized W) [+ bias]."""
+    model = onnx.load(str(model_path))
+    inits = initializers(model)
+    new_nodes, new_inits = [], []
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            new_nodes.append(node)
+            continue
+        dtype = inits[node.input[2]].dtype
+        w_name = node.name + "_deq"
+        new_inits.append(numpy_helper.from_array(dequantized_weight(model, node).astype(dtype), w_name))
+        bias = node.input[5] if len(node.input) > 5 and node.input[5] else None
+        mm_out = node.output[0] + "_mm" if bias else node.output[0]
+        new_nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [mm_out], name=node.name + "_ref"))
+        if bias:
+            new_nodes.append(helper.make_node("Add", [mm_out, bias], [node.output[0]]))
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    model.graph.initializer.extend(new_inits)
+    return model
