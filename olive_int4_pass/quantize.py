@@ -72,11 +72,11 @@ def quantize_file(
     options = options or QuantizeOptions()
     input_path = _resolve_input(Path(input_path))
     output_dir = Path(output_dir)
+    _refuse_overwriting_input(input_path, output_dir, model_name, external_data_name)
     model = load_checked(input_path)
     report = quantize_model(model, options)
     if report.num_quantized == 0:
         logger.warning("No MatMul in %s could be quantized; writing the model unchanged.", input_path)
-    _refuse_overwriting_input(input_path, output_dir, model_name, external_data_name)
     return save_atomically(
         model,
         output_dir,
@@ -115,19 +115,15 @@ def save_atomically(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
     try:
-        with _progress_bar(model, progress) as callback:
-            if external_data_name:
-                ir.save(
-                    model,
-                    tmp / model_name,
-                    external_data=external_data_name,
-                    size_threshold_bytes=size_threshold,
-                    callback=callback,
-                )
-            else:
-                for tensor in _initializer_tensors(model):
-                    callback(tensor, None)
-                ir.save(model, tmp / model_name)
+        try:
+            _save(model, tmp / model_name, external_data_name, size_threshold, progress)
+        except Exception as e:
+            # Packed weights are computed during the save, so a bad weight surfaces here wrapped by onnx_ir
+            # (SerdeError): re-raise our own typed error so callers (and Olive) see it as such.
+            cause = _typed_cause(e)
+            if cause is None or cause is e:
+                raise
+            raise type(cause)(str(cause)) from e
         output_dir.mkdir(parents=True, exist_ok=True)
         # Data first, graph last: a model.onnx present means its data is complete.
         for name in sorted(os.listdir(tmp), key=lambda n: n == model_name):
@@ -135,6 +131,26 @@ def save_atomically(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output_dir / model_name
+
+
+def _save(model: ir.Model, path: Path, external_data_name: str | None, size_threshold: int, progress) -> None:
+    with _progress_bar(model, progress) as callback:
+        if external_data_name:
+            ir.save(
+                model, path, external_data=external_data_name, size_threshold_bytes=size_threshold, callback=callback
+            )
+        else:
+            for tensor in _initializer_tensors(model):
+                callback(tensor, None)
+            ir.save(model, path)
+
+
+def _typed_cause(error: BaseException) -> BaseException | None:
+    while error is not None:
+        if isinstance(error, (ValueError, TypeError)):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _resolve_input(path: Path) -> Path:

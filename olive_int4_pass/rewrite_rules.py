@@ -258,7 +258,7 @@ class MatMulAddToMatMulNBits(_QuantizeRuleBase):
         return self._state.matmul_nbits(op, node, x, w, False, bits, bias=b)
 
 
-def _gemm_bias(node: ir.Node) -> ir.Value | None | bool:
+def _gemm_bias(node: ir.Node) -> ir.Value | bool | None:
     """The Gemm's C input if usable as a MatMulNBits bias, None if absent, False if unusable."""
     c = node.inputs[2] if len(node.inputs) > 2 else None
     if c is None:

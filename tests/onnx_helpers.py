@@ -15,7 +15,9 @@ OPSETS = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
 
 
 def make_model(nodes, inputs, outputs, initializers, path: Path | None = None) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=[numpy_helper.from_array(v, k) for k, v in initializers.items()])
+    graph = helper.make_graph(
+        nodes, "g", inputs, outputs, initializer=[numpy_helper.from_array(v, k) for k, v in initializers.items()]
+    )
     # onnxruntime loads IR <= 13 (onnx 1.23 writes 14 by default).
     model = helper.make_model(graph, opset_imports=OPSETS, ir_version=10)
     if path is not None:
@@ -79,3 +81,15 @@ def float_reference(model_path: Path) -> onnx.ModelProto:
     model.graph.node.extend(new_nodes)
     model.graph.initializer.extend(new_inits)
     return model
+
+
+def check_numerics(out_path, feeds, original=None, rtol=1e-4):
+    """Quantized output == float model on dequantized weights; and not far from the original float model."""
+    got = run(out_path, feeds)
+    want = run(float_reference(out_path), feeds)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol)
+    if original is not None:
+        for g, o in zip(got, run(original, feeds), strict=True):
+            assert np.abs(g - o).max() < 0.25 * np.abs(o).max()  # 4-bit noise, not garbage
+    return got

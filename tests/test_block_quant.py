@@ -40,7 +40,9 @@ def test_bytes_equal_reference(use_onnxruntime, dtype, bits, symmetric):
         for block_size in (16, 32, 64):
             w = random_weight(rng, (k, n), dtype)
             packed, scales, zp = reference(w, block_size, bits, symmetric)
-            q = quantize_blockwise(w, block_size=block_size, bits=bits, symmetric=symmetric, use_onnxruntime=use_onnxruntime)
+            q = quantize_blockwise(
+                w, block_size=block_size, bits=bits, symmetric=symmetric, use_onnxruntime=use_onnxruntime
+            )
             where = f"K={k} N={n} block={block_size}"
             assert q.packed.shape == packed.shape and q.scales.shape == scales.shape, where
             assert q.scales.dtype == w.dtype, where

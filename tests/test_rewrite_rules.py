@@ -6,15 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from onnx_helpers import (
-    attrs,
-    float_reference,
-    initializers,
-    make_model,
-    nodes_of,
-    run,
-    tensor_info,
-)
+from onnx_helpers import attrs, check_numerics, initializers, make_model, nodes_of, tensor_info
 
 from olive_int4_pass.options import QuantizeOptions
 from olive_int4_pass.quantize import quantize_file
@@ -33,23 +25,15 @@ def quantize(tmp_path, nodes, inputs, outputs, inits, **options):
     return original, onnx.load(str(out)), out
 
 
-def check_numerics(out_path, feeds, original=None, rtol=1e-4):
-    """Quantized output == float model on dequantized weights; and not far from the original float model."""
-    got = run(out_path, feeds)
-    want = run(float_reference(out_path), feeds)
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol)
-    if original is not None:
-        for g, o in zip(got, run(original, feeds)):
-            assert np.abs(g - o).max() < 0.25 * np.abs(o).max()  # 4-bit noise, not garbage
-    return got
-
-
 def test_matmul_any_rank_keeps_io_names_and_builder_naming(tmp_path):
     w = weight(64, 40)
     nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="/model/mm")]
     original, model, out = quantize(
-        tmp_path, nodes, [tensor_info("x", np.float32, [2, 3, 64])], [tensor_info("y", np.float32, [2, 3, 40])], {"W": w}
+        tmp_path,
+        nodes,
+        [tensor_info("x", np.float32, [2, 3, 64])],
+        [tensor_info("y", np.float32, [2, 3, 40])],
+        {"W": w},
     )
     (node,) = nodes_of(model, "MatMulNBits")
     assert node.name == "/model/mm_Q4" and node.domain == "com.microsoft"
@@ -76,7 +60,9 @@ def test_transposed_weight(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("trans_b", "bias_shape"), [(0, (40,)), (1, (40,)), (1, (1, 40)), (0, None)], ids=["B", "Bt", "Bt-2d-bias", "nobias"]
+    ("trans_b", "bias_shape"),
+    [(0, (40,)), (1, (40,)), (1, (1, 40)), (0, None)],
+    ids=["B", "Bt", "Bt-2d-bias", "nobias"],
 )
 def test_gemm(tmp_path, trans_b, bias_shape):
     w = weight(40, 64) if trans_b else weight(64, 40)
@@ -98,7 +84,11 @@ def test_gemm(tmp_path, trans_b, bias_shape):
 def test_gemm_with_alpha_is_left_alone(tmp_path):
     nodes = [helper.make_node("Gemm", ["x", "W"], ["y"], name="gemm", alpha=2.0)]
     _, model, _ = quantize(
-        tmp_path, nodes, [tensor_info("x", np.float32, [3, 64])], [tensor_info("y", np.float32, [3, 40])], {"W": weight(64, 40)}
+        tmp_path,
+        nodes,
+        [tensor_info("x", np.float32, [3, 64])],
+        [tensor_info("y", np.float32, [3, 40])],
+        {"W": weight(64, 40)},
     )
     assert [n.op_type for n in model.graph.node] == ["Gemm"]
 
@@ -168,7 +158,12 @@ def test_skips_are_logged_with_reasons(tmp_path, caplog):
     inits = {"W3": weight(2, 64, 64), "W1": weight(64, 64), "W2": weight(64, 32)}
     with caplog.at_level(logging.INFO, logger="olive_int4_pass"):
         original, model, out = quantize(
-            tmp_path, nodes, inputs, [tensor_info("y", np.float32, [2, 8, 32])], inits, nodes_to_exclude=["*/layers.0/*"]
+            tmp_path,
+            nodes,
+            inputs,
+            [tensor_info("y", np.float32, [2, 8, 32])],
+            inits,
+            nodes_to_exclude=["*/layers.0/*"],
         )
     assert [n.name for n in nodes_of(model, "MatMulNBits")] == ["/model/layers.1/mlp/MatMul_Q4"]
     log = caplog.text
@@ -226,7 +221,10 @@ def test_subgraph_matmul_is_skipped_and_main_graph_quantized(tmp_path, caplog):
         [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 32])],
     )
     else_graph = helper.make_graph(
-        [helper.make_node("Identity", ["h"], ["e"])], "else", [], [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 32])]
+        [helper.make_node("Identity", ["h"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 32])],
     )
     nodes = [
         helper.make_node("MatMul", ["x", "W"], ["h"], name="outer_mm"),
@@ -235,7 +233,11 @@ def test_subgraph_matmul_is_skipped_and_main_graph_quantized(tmp_path, caplog):
     inputs = [tensor_info("x", np.float32, [2, 64]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])]
     with caplog.at_level(logging.INFO, logger="olive_int4_pass"):
         original, model, out = quantize(
-            tmp_path, nodes, inputs, [tensor_info("y", np.float32, [2, 32])], {"W": weight(64, 32), "W_sub": weight(32, 32)}
+            tmp_path,
+            nodes,
+            inputs,
+            [tensor_info("y", np.float32, [2, 32])],
+            {"W": weight(64, 32), "W_sub": weight(32, 32)},
         )
     assert [n.op_type for n in model.graph.node] == ["MatMulNBits", "If"]
     assert "inner_mm: inside a subgraph" in caplog.text
@@ -246,7 +248,11 @@ def test_subgraph_matmul_is_skipped_and_main_graph_quantized(tmp_path, caplog):
 def test_already_quantized_model_is_left_alone(tmp_path, caplog):
     nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")]
     _, model, out = quantize(
-        tmp_path, nodes, [tensor_info("x", np.float32, [2, 64])], [tensor_info("y", np.float32, [2, 32])], {"W": weight(64, 32)}
+        tmp_path,
+        nodes,
+        [tensor_info("x", np.float32, [2, 64])],
+        [tensor_info("y", np.float32, [2, 32])],
+        {"W": weight(64, 32)},
     )
     with caplog.at_level(logging.WARNING):
         again = quantize_file(out, tmp_path / "again", progress=False)
