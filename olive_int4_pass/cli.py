@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from olive_int4_pass.options import LM_HEAD_CHOICES, QuantizeOptions
+from olive_int4_pass.options import EMBEDDING_CHOICES, LM_HEAD_CHOICES, QuantizeOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--exclude", action="append", default=None, metavar="PATTERN", help="skip these node names/globs")
     q.add_argument("--lm-head", choices=LM_HEAD_CHOICES, default="quantize", help="final projection handling")
     q.add_argument("--fuse-bias", action="store_true", help="fold Add(MatMul, b) into MatMulNBits' bias")
+    q.add_argument("--no-tied-embeddings", action="store_true", help="keep a float table for a tied embedding")
+    q.add_argument("--embedding", choices=EMBEDDING_CHOICES, default="float", help="untied embedding table")
     q.add_argument("--single-file", action="store_true", help="no external data file (models under 1 GB)")
     q.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     return parser
@@ -53,6 +55,8 @@ def _quantize(args: argparse.Namespace) -> int:
         nodes_to_exclude=args.exclude,
         lm_head=args.lm_head,
         fuse_bias=args.fuse_bias,
+        tied_embeddings=not args.no_tied_embeddings,
+        embedding=args.embedding,
     )
     path = quantize_file(
         args.input,

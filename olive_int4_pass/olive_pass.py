@@ -11,7 +11,7 @@ from olive.passes import Pass
 from olive.passes.pass_config import BasePassConfig, PassConfigParam
 
 from olive_int4_pass import __version__
-from olive_int4_pass.options import LM_HEAD_CHOICES, QuantizeOptions
+from olive_int4_pass.options import EMBEDDING_CHOICES, LM_HEAD_CHOICES, QuantizeOptions
 from olive_int4_pass.quantize import DATA_NAME, MODEL_NAME, quantize_file
 
 logger = logging.getLogger(__name__)
@@ -21,8 +21,9 @@ class OnnxInt4RtnQuantization(Pass):
     """Quantize MatMul/Gemm weights block-wise (round to nearest) into com.microsoft::MatMulNBits.
 
     Defaults reproduce the onnxruntime-genai model builder's ``-p int4`` bytes: block 32, symmetric, 4 bits,
-    every MatMul with a constant weight (``lm_head`` included), the embedding left in float. Graph input and
-    output names are kept. Output: ``model.onnx`` + ``model.onnx.data``.
+    every MatMul with a constant weight (``lm_head`` included), an untied embedding left in float and a tied one
+    sharing the lm_head's packed tensor. Graph input and output names are kept. Output: ``model.onnx`` +
+    ``model.onnx.data``.
     """
 
     @classmethod
@@ -70,6 +71,23 @@ class OnnxInt4RtnQuantization(Pass):
                 description=(
                     f"The final projection (MatMul producing a graph output): one of {LM_HEAD_CHOICES}."
                     " 'quantize' like the others (default), 'int8' at 8 bits, 'float' left unquantized."
+                ),
+            ),
+            "tied_embeddings": PassConfigParam(
+                type_=bool,
+                default_value=True,
+                description=(
+                    "When the embedding Gather reads Transpose(W) of the quantized lm_head weight W (tied"
+                    " embeddings), feed it the same packed tensor through GatherBlockQuantized, as the genai builder"
+                    " does, instead of keeping a float copy."
+                ),
+            ),
+            "embedding": PassConfigParam(
+                type_=str,
+                default_value="float",
+                description=(
+                    f"An embedding table not shared with a quantized lm_head: one of {EMBEDDING_CHOICES}. 'float'"
+                    " (default) matches the published layout; 'int4'/'int8' store it as GatherBlockQuantized."
                 ),
             ),
             "fuse_bias": PassConfigParam(
@@ -143,4 +161,6 @@ def _options_from(config: type[BasePassConfig]) -> QuantizeOptions:
         nodes_to_exclude=config.nodes_to_exclude,
         lm_head=config.lm_head,
         fuse_bias=config.fuse_bias,
+        tied_embeddings=config.tied_embeddings,
+        embedding=config.embedding,
     )

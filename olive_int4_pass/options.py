@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from olive_int4_pass.block_quant import validate_bits, validate_block_size
 
 LM_HEAD_CHOICES = ("quantize", "int8", "float")
+EMBEDDING_CHOICES = ("float", "int4", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +20,11 @@ class QuantizeOptions:
     every other MatMul, ``int8`` at 8 bits, or ``float`` to leave it untouched. ``fuse_bias`` folds
     ``Add(MatMul(X, W), b)`` into MatMulNBits' bias input; it is off by default because the genai builder keeps
     the Add (same graph as the reference) and not every execution provider's MatMulNBits takes a bias.
+
+    ``tied_embeddings``: when the embedding ``Gather`` reads ``Transpose(W)`` of a quantized lm_head weight ``W``,
+    feed it the same packed tensor through ``GatherBlockQuantized`` (the builder's layout) instead of keeping a
+    float copy. ``embedding`` quantizes an untied (or float-lm_head) embedding table itself: ``float`` (default,
+    the published layout), ``int4`` or ``int8``.
     """
 
     block_size: int = 32
@@ -29,6 +35,8 @@ class QuantizeOptions:
     nodes_to_exclude: Sequence[str] | None = None
     lm_head: str = "quantize"
     fuse_bias: bool = False
+    tied_embeddings: bool = True
+    embedding: str = "float"
 
     def __post_init__(self) -> None:
         validate_block_size(self.block_size)
@@ -39,6 +47,8 @@ class QuantizeOptions:
             raise ValueError(f"accuracy_level must be 0..4 or unset, got {self.accuracy_level!r}")
         if self.lm_head not in LM_HEAD_CHOICES:
             raise ValueError(f"lm_head must be one of {LM_HEAD_CHOICES}, got {self.lm_head!r}")
+        if self.embedding not in EMBEDDING_CHOICES:
+            raise ValueError(f"embedding must be one of {EMBEDDING_CHOICES}, got {self.embedding!r}")
         for field in ("nodes_to_include", "nodes_to_exclude"):
             value = getattr(self, field)
             if value is None:

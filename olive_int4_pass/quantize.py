@@ -14,6 +14,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from olive_int4_pass.embedding_rules import embedding_rules
 from olive_int4_pass.options import QuantizeOptions
 from olive_int4_pass.rewrite_rules import MS_DOMAIN, QuantizationState, quantization_rules
 
@@ -35,6 +36,9 @@ class QuantizationReport:
     quantized: dict[str, int]
     skipped: dict[str, str]
     removed_weights: list[str]
+    float_bytes: int = 0
+    quantized_bytes: int = 0
+    tied_decisions: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def num_quantized(self) -> int:
@@ -44,11 +48,15 @@ class QuantizationReport:
 def quantize_model(model: ir.Model, options: QuantizeOptions) -> QuantizationReport:
     """Rewrite ``model`` in place. Packed weights are lazy: they are computed when the model is saved."""
     state = QuantizationState(options, model.graph)
-    for rule_set in quantization_rules(state):
+    # Embeddings last: a tied table shares the tensor its lm_head MatMul got.
+    for rule_set in [*quantization_rules(state), embedding_rules(state)]:
         rule_set.apply_to_model(model)
     if state.quantized:
         model.graph.opset_imports.setdefault(MS_DOMAIN, 1)
-    report = QuantizationReport(dict(state.quantized), dict(state.skipped), state.remove_replaced_weights())
+    removed = state.remove_replaced_weights()
+    report = QuantizationReport(
+        dict(state.quantized), dict(state.skipped), removed, *state.byte_counts(), list(state.tied_decisions)
+    )
     _log_report(report)
     return report
 
@@ -231,6 +239,15 @@ def _log_report(report: QuantizationReport) -> None:
     for bits in report.quantized.values():
         by_bits[bits] = by_bits.get(bits, 0) + 1
     summary = ", ".join(f"{count} at {bits} bits" for bits, count in sorted(by_bits.items())) or "none"
-    logger.info("Quantized MatMuls: %s; removed %d float weights.", summary, len(report.removed_weights))
+    logger.info("Quantized nodes: %s; removed %d float weights.", summary, len(report.removed_weights))
+    if report.float_bytes:
+        logger.info(
+            "Weights: %.1f MB float -> %.1f MB quantized (x%.2f smaller).",
+            report.float_bytes / 1e6,
+            report.quantized_bytes / 1e6,
+            report.float_bytes / max(1, report.quantized_bytes),
+        )
+    for decision in report.tied_decisions:
+        logger.info("Tied embedding: %s", decision)
     for name, reason in sorted(report.skipped.items()):
         logger.info("Skipped %s: %s", name, reason)

@@ -52,37 +52,81 @@ class QuantizationState:
         self.replaced_weights: dict[int, ir.Value] = {}
         self.quantized: dict[str, int] = {}  # node name -> bits
         self.skipped: dict[str, str] = {}  # node name -> reason
+        self.tied_decisions: list[str] = []
 
-    def plan(self, node: ir.Node, w: ir.Value, result_value: ir.Value, transposed: bool) -> MatchResult | int:
-        """Return the bit width to quantize ``node`` with, or a failed MatchResult saying why not."""
-        fail = MatchResult()
-        name = node.name or "<unnamed>"
-
-        def skip(reason: str) -> MatchResult:
-            self.skipped.setdefault(name, reason)
-            return fail.fail(reason)
-
+    def _weight_problem(self, node: ir.Node, w: ir.Value) -> str | None:
+        """Why ``w`` (read by ``node``) cannot be quantized, or None."""
         if node.graph is not self.graph:
-            return skip("inside a subgraph or function (only the main graph is quantized)")
+            return "inside a subgraph or function (only the main graph is quantized)"
         selected, why = self.options.selects(node.name or "")
         if not selected:
-            return skip(why)
+            return why
         if w.const_value is None or not w.is_initializer():
-            return skip("weight is not a constant initializer")
+            return "weight is not a constant initializer"
         if w.is_graph_input():
-            return skip("weight initializer is also a graph input (it can be overridden at run time)")
+            return "weight initializer is also a graph input (it can be overridden at run time)"
         if w.const_value.dtype not in _FLOAT_TYPES:
-            return skip(f"weight dtype {w.const_value.dtype} is not float32/float16/bfloat16")
+            return f"weight dtype {w.const_value.dtype} is not float32/float16/bfloat16"
         if len(w.const_value.shape) != 2:
-            return skip(f"weight rank {len(w.const_value.shape)} != 2")
+            return f"weight rank {len(w.const_value.shape)} != 2"
+        return None
+
+    def _skip(self, node: ir.Node, reason: str) -> MatchResult:
+        self.skipped.setdefault(node.name or "<unnamed>", reason)
+        return MatchResult().fail(reason)
+
+    def plan(self, node: ir.Node, w: ir.Value, result_value: ir.Value, transposed: bool) -> MatchResult | int:
+        """Return the bit width to quantize MatMul-like ``node`` with, or a failed MatchResult saying why not."""
+        problem = self._weight_problem(node, w)
+        if problem:
+            return self._skip(node, problem)
         bits = self.options.bits
         if result_value.is_graph_output():
             if self.options.lm_head == "float":
-                return skip("final projection kept in float (lm_head='float')")
+                return self._skip(node, "final projection kept in float (lm_head='float')")
             if self.options.lm_head == "int8":
                 bits = 8
-        self.skipped.pop(name, None)
+        self.skipped.pop(node.name or "<unnamed>", None)
         return bits
+
+    def plan_embedding(self, node: ir.Node, table: ir.Value, tied: bool) -> MatchResult | int:
+        """Bit width for an embedding ``Gather`` (``Gather(Transpose(W))`` when ``tied``), or why it stays float."""
+        value = table.const_value
+        if value is None or value.dtype not in _FLOAT_TYPES or len(value.shape) != 2:
+            return MatchResult().fail("not a float embedding table")  # e.g. shape arithmetic: not worth a log line
+        problem = self._weight_problem(node, table)
+        if problem:
+            return self._skip(node, problem)
+        hidden = table.const_value.shape[0 if tied else 1]
+        shared = self._shared_matmul_bits(table) if tied and self.options.tied_embeddings else None
+        if shared is not None:
+            bits = shared
+        elif self.options.embedding == "float":
+            reason = "embedding kept in float (embedding='float')"
+            if tied:
+                reason = "tied embedding kept in float: its lm_head weight is not quantized"
+            return self._skip(node, reason)
+        else:
+            bits = int(self.options.embedding[-1])
+        if hidden % self.options.block_size:
+            return self._skip(node, f"embedding width {hidden} is not a multiple of block_size")
+        self.skipped.pop(node.name or "<unnamed>", None)
+        return bits
+
+    def _shared_matmul_bits(self, w: ir.Value) -> int | None:
+        for (weight_id, transposed, bits), _ in self.cache.items():
+            if weight_id == id(w) and not transposed:
+                return bits
+        return None
+
+    def embedding_inputs(self, op, node: ir.Node, table: ir.Value, tied: bool) -> QuantizedInputs:
+        bits = self.plan_embedding(node, table, tied)
+        if tied and (id(table), False, bits) in self.cache:
+            self.tied_decisions.append(f"{table.name}: one quantized tensor shared by the lm_head and {node.name}")
+        # Tied: rows of Transpose(W) are W's columns, i.e. W itself in MatMulNBits layout. Untied E[V, H]: E^T.
+        q = self.quantized_inputs(op, table, not tied, bits)
+        self.quantized[node.name or "<unnamed>"] = bits
+        return q
 
     def quantized_inputs(self, op, w: ir.Value, transposed: bool, bits: int) -> QuantizedInputs:
         """Initializers for ``Q(W)`` (``Q(W^T)`` when transposed), created once per weight."""
@@ -123,6 +167,12 @@ class QuantizationState:
         self.quantized[node.name or "<unnamed>"] = bits
         name = f"{node.name}_Q{bits}" if node.name else None
         return op.call_op("MatMulNBits", inputs, attrs, domain=MS_DOMAIN, version=1, name=name)
+
+    def byte_counts(self) -> tuple[int, int]:
+        """Bytes of the float weights replaced and of the quantized tensors that replace them."""
+        float_bytes = sum(w.const_value.nbytes for w in self.replaced_weights.values() if w.const_value is not None)
+        quantized = [v for q in self.cache.values() for v in (q.packed, q.scales, q.zero_points) if v is not None]
+        return float_bytes, sum(v.const_value.nbytes for v in quantized)
 
     def remove_replaced_weights(self) -> list[str]:
         """Drop float weights no node reads any more; return their names."""

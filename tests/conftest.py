@@ -1,4 +1,4 @@
-"""Session fixtures shared by several test files: a tiny random Qwen2 and its genai-builder exports."""
+"""Session fixtures shared by several test files: tiny random HF models and their genai-builder exports."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 from tiny_models import save_tiny_model
+
+BUILDER_TARGETS = [("fp32", "cpu"), ("int4", "cpu"), ("fp16", "cuda"), ("int4", "cuda")]
 
 
 def run_builder(hf_dir: Path, out_dir: Path, precision: str, provider: str, cache: Path) -> Path:
@@ -20,15 +22,29 @@ def run_builder(hf_dir: Path, out_dir: Path, precision: str, provider: str, cach
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2")
+def exports(tmp_path_factory):
+    """``exports(arch, tied)`` -> {"hf": dir, "fp32-cpu": dir, "int4-cpu": ..., "fp16-cuda": ..., "int4-cuda": ...}.
+
+    Built once per (arch, tied) per session; the builder exports for CUDA run fine on a CPU-only machine.
+    """
+    cache: dict[tuple[str, bool], dict[str, Path]] = {}
+
+    def get(arch: str = "qwen2", tied: bool = False) -> dict[str, Path]:
+        if (arch, tied) not in cache:
+            root = tmp_path_factory.mktemp(f"{arch}_{'tied' if tied else 'untied'}")
+            hf = save_tiny_model(root / "hf", arch, tie_word_embeddings=tied)
+            built = {f"{p}-{e}": run_builder(hf, root / f"{p}-{e}", p, e, root / "cache") for p, e in BUILDER_TARGETS}
+            cache[(arch, tied)] = {"hf": hf, **built}
+        return cache[(arch, tied)]
+
+    return get
 
 
 @pytest.fixture(scope="session")
-def builder_exports(tiny_qwen2, tmp_path_factory) -> dict[str, Path]:
-    """The builder's fp32/cpu, int4/cpu, fp16/cuda and int4/cuda exports of ``tiny_qwen2`` (export runs on CPU)."""
-    root = tmp_path_factory.mktemp("builder")
-    return {
-        f"{p}-{e}": run_builder(tiny_qwen2, root / f"{p}-{e}", p, e, root / "cache")
-        for p, e in [("fp32", "cpu"), ("int4", "cpu"), ("fp16", "cuda"), ("int4", "cuda")]
-    }
+def tiny_qwen2(exports) -> Path:
+    return exports()["hf"]
+
+
+@pytest.fixture(scope="session")
+def builder_exports(exports) -> dict[str, Path]:
+    return exports()

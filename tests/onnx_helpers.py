@@ -60,12 +60,32 @@ def dequantized_weight(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarr
     return dequantize_blockwise(q)
 
 
+def dequantized_table(model: onnx.ModelProto, node: onnx.NodeProto, producers: dict) -> np.ndarray:
+    """E[V, H] as a GatherBlockQuantized over ``Reshape(packed)`` holds it, in the scales' dtype."""
+    inits = initializers(model)
+    a = attrs(node)
+    packed = inits[producers[node.input[0]].input[0]]  # Reshape(packed [V, nb, bs*bits/8], shape)
+    scales = inits[node.input[2]]
+    zp = inits[node.input[3]] if len(node.input) > 3 and node.input[3] else None
+    v, n_blocks = scales.shape
+    q = QuantizedWeight(
+        packed.reshape(v, n_blocks, -1), scales, zp, n_blocks * a["block_size"], v, a["block_size"], a["bits"]
+    )
+    return dequantize_blockwise(q).T.astype(scales.dtype)
+
+
 def float_reference(model_path: Path) -> onnx.ModelProto:
-    """The quantized model with every MatMulNBits replaced by MatMul(X, dequantized W) [+ bias]."""
+    """The quantized model with MatMulNBits -> MatMul(X, dequantized W) [+ bias], GatherBlockQuantized -> Gather."""
     model = onnx.load(str(model_path))
     inits = initializers(model)
     new_nodes, new_inits = [], []
+    producers = {out: n for n in model.graph.node for out in n.output}
     for node in model.graph.node:
+        if node.op_type == "GatherBlockQuantized":
+            table_name = node.name + "_deq"
+            new_inits.append(numpy_helper.from_array(dequantized_table(model, node, producers), table_name))
+            new_nodes.append(helper.make_node("Gather", [table_name, node.input[1]], [node.output[0]]))
+            continue
         if node.op_type != "MatMulNBits":
             new_nodes.append(node)
             continue
@@ -93,3 +113,29 @@ def check_numerics(out_path, feeds, original=None, rtol=1e-4):
         for g, o in zip(got, run(original, feeds), strict=True):
             assert np.abs(g - o).max() < 0.25 * np.abs(o).max()  # 4-bit noise, not garbage
     return got
+
+
+def genai_greedy(package_dir: Path, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    """Greedy tokens from an onnxruntime-genai package, on the CPU whatever provider its config names."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(package_dir))
+    config.clear_providers()
+    model = og.Model(config)
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt_ids) + new_tokens)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt_ids)
+    while not generator.is_done():
+        generator.generate_next_token()
+    return list(generator.get_sequence(0))[len(prompt_ids) :]
+
+
+def as_package(model_dir: Path, side_files_from: Path) -> Path:
+    """Copy the builder's genai_config/tokenizer files beside a quantized model.onnx so genai can load it."""
+    import shutil
+
+    for f in side_files_from.iterdir():
+        if f.suffix in (".json", ".jinja"):
+            shutil.copy(f, model_dir / f.name)
+    return model_dir
