@@ -113,13 +113,13 @@ def quantize_blockwise(
         if reference is not None:
             _reference_chunk(reference, weight[:, n0:n1], block_size, bits, symmetric, packed, out_scales, zp_full, n0)
             return
-        blocks = _blocks_of(weight[:, n0:n1], block_size, n_blocks)  # [n, nb, bs] float32
+        blocks = to_blocks(weight[:, n0:n1], block_size, n_blocks)  # [n, nb, bs] float32
         if scales is None:
-            s, zp = _rtn_params(blocks, bits, symmetric, scale_dtype)
+            s, zp = rtn_params(blocks, bits, symmetric, scale_dtype)
         else:
             s = np.asarray(scales[n0:n1], dtype=scale_dtype)
             zp = None if symmetric else np.asarray(zero_points[n0:n1], dtype=np.uint8)
-        q = _round_to_grid(blocks, s, zp, bits)
+        q = round_to_grid(blocks, s, zp, bits)
         _clear_padding(q, k, block_size, bits)
         out_scales[n0:n1] = s
         if zp_full is not None:
@@ -142,11 +142,8 @@ def quantize_blockwise(
 def dequantize_blockwise(q: QuantizedWeight) -> np.ndarray:
     """Reconstruct ``W[K, N]`` in float32 from a :class:`QuantizedWeight` (as MatMulNBits computes it)."""
     levels = _unpack(q.packed, q.bits)  # [N, nb, bs]
-    if q.zero_points is None:
-        zp = np.full(q.scales.shape, 1 << (q.bits - 1), dtype=np.float32)
-    else:
-        zp = unpack_zero_points(q.zero_points, q.bits, q.n_blocks).astype(np.float32)
-    w = (levels.astype(np.float32) - zp[..., None]) * q.scales.astype(np.float32)[..., None]
+    zp = None if q.zero_points is None else unpack_zero_points(q.zero_points, q.bits, q.n_blocks)
+    w = dequantize_blocks(levels, q.scales, zp, q.bits)
     return w.reshape(q.n, -1)[:, : q.k].T.copy()
 
 
@@ -182,7 +179,7 @@ def _reference_chunk(kernel, w, block_size, bits, symmetric, packed, scales, zp_
         zp_full[n0 : n0 + n] = unpack_zero_points(chunk_zp.reshape(n, -1), bits, n_blocks)
 
 
-def _blocks_of(w: np.ndarray, block_size: int, n_blocks: int) -> np.ndarray:
+def to_blocks(w: np.ndarray, block_size: int, n_blocks: int) -> np.ndarray:
     """``w[K, n]`` → float32 ``[n, n_blocks, block_size]``, zero padded (padding never changes a block's range)."""
     k, n = w.shape
     out = np.zeros((n, n_blocks * block_size), dtype=np.float32)
@@ -190,26 +187,39 @@ def _blocks_of(w: np.ndarray, block_size: int, n_blocks: int) -> np.ndarray:
     return out.reshape(n, n_blocks, block_size)
 
 
-def _rtn_params(
-    blocks: np.ndarray, bits: int, symmetric: bool, scale_dtype: np.dtype
+def rtn_params(
+    blocks: np.ndarray, bits: int, symmetric: bool, scale_dtype: np.dtype, shrink: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Round-to-nearest scales (in ``scale_dtype``) and, asymmetric, unpacked zero points."""
+    """Round-to-nearest scales (in ``scale_dtype``) and, asymmetric, unpacked zero points.
+
+    ``shrink`` < 1 narrows the range before the scale is taken (clipping the extremes), for scale searches.
+    """
     vmax = blocks.max(axis=-1)
     vmin = blocks.min(axis=-1)
     if symmetric:
         extreme = np.where(np.abs(vmax) > np.abs(vmin), vmax, vmin)
+        if shrink != 1.0:
+            extreme = extreme * np.float32(shrink)
         return (-extreme / np.float32(1 << (bits - 1))).astype(scale_dtype), None
     qmax = np.float32((1 << bits) - 1)
     vmin = np.minimum(vmin, np.float32(0))
     vmax = np.maximum(vmax, np.float32(0))
+    if shrink != 1.0:
+        vmin, vmax = vmin * np.float32(shrink), vmax * np.float32(shrink)
     scale = (vmax - vmin) / qmax
     with np.errstate(divide="ignore", invalid="ignore"):
         zp_fp = np.where(scale != 0, np.float32(0) - vmin / scale, vmin)
-    zp = np.clip(_round_half_away(zp_fp), 0, qmax).astype(np.uint8)
+    zp = np.clip(round_half_away(zp_fp), 0, qmax).astype(np.uint8)
     return scale.astype(scale_dtype), zp
 
 
-def _round_to_grid(blocks: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, bits: int) -> np.ndarray:
+def dequantize_blocks(q: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, bits: int) -> np.ndarray:
+    """Unpacked levels ``[n, nb, bs]`` back to float32 values."""
+    offset = np.float32(1 << (bits - 1)) if zp is None else zp.astype(np.float32)[..., None]
+    return (q.astype(np.float32) - offset) * scales.astype(np.float32)[..., None]
+
+
+def round_to_grid(blocks: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, bits: int) -> np.ndarray:
     """``clamp(roundf(v * (1/scale) + zp), 0, 2**bits - 1)`` in float32, as MLAS computes it."""
     s32 = scales.astype(np.float32)
     with np.errstate(divide="ignore"):
@@ -217,10 +227,10 @@ def _round_to_grid(blocks: np.ndarray, scales: np.ndarray, zp: np.ndarray | None
     offset = np.float32(1 << (bits - 1)) if zp is None else zp.astype(np.float32)[..., None]
     x = blocks * reciprocal[..., None]
     x += offset
-    return np.clip(_round_half_away(x), 0, (1 << bits) - 1).astype(np.uint8)
+    return np.clip(round_half_away(x), 0, (1 << bits) - 1).astype(np.uint8)
 
 
-def _round_half_away(x: np.ndarray) -> np.ndarray:
+def round_half_away(x: np.ndarray) -> np.ndarray:
     """C ``roundf``: ties away from zero. Evaluated in float64 so ``x + 0.5`` itself never rounds."""
     x64 = x.astype(np.float64)
     return np.copysign(np.floor(np.abs(x64) + 0.5), x64)

@@ -11,7 +11,7 @@ from olive.passes import Pass
 from olive.passes.pass_config import BasePassConfig, PassConfigParam
 
 from olive_int4_pass import __version__
-from olive_int4_pass.options import EMBEDDING_CHOICES, LM_HEAD_CHOICES, QuantizeOptions
+from olive_int4_pass.options import EMBEDDING_CHOICES, LM_HEAD_CHOICES, QUALITY_PRESETS, QuantizeOptions
 from olive_int4_pass.quantize import DATA_NAME, MODEL_NAME, quantize_file
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,39 @@ class OnnxInt4RtnQuantization(Pass):
                     " (default) matches the published layout; 'int4'/'int8' store it as GatherBlockQuantized."
                 ),
             ),
+            "quality": PassConfigParam(
+                type_=str,
+                default_value=None,
+                description=(
+                    f"Opt-in quality preset, one of {sorted(QUALITY_PRESETS)}: 'balanced' = calibrated,"
+                    " importance-weighted scale search, up to +3 % weight bytes at 8 bits; 'max' = the same with up to"
+                    " +15 %. Unset (default): plain RTN, byte-identical to the reference."
+                ),
+            ),
+            "calibration": PassConfigParam(
+                type_=str,
+                default_value=None,
+                description=(
+                    "Calibration text file (or 'default' for a built-in passage), run through the float model (it"
+                    " needs tokenizer.json and genai_config.json beside it) to weigh input channels."
+                ),
+            ),
+            "calibration_tokens": PassConfigParam(
+                type_=int, default_value=2048, description="At most this many calibration tokens are used."
+            ),
+            "scale_search": PassConfigParam(
+                type_=bool,
+                default_value=None,
+                description="Search each block's scale (and clip) for the least importance-weighted error.",
+            ),
+            "mixed_precision_budget": PassConfigParam(
+                type_=float,
+                default_value=None,
+                description=(
+                    "Let the quantized weights grow by this fraction (0.15 = +15 %) to store the tensors with the"
+                    " largest measured error per byte at 8 bits."
+                ),
+            ),
             "fuse_bias": PassConfigParam(
                 type_=bool,
                 default_value=False,
@@ -163,4 +196,9 @@ def _options_from(config: type[BasePassConfig]) -> QuantizeOptions:
         fuse_bias=config.fuse_bias,
         tied_embeddings=config.tied_embeddings,
         embedding=config.embedding,
+        quality=config.quality,
+        calibration=config.calibration,
+        calibration_tokens=config.calibration_tokens,
+        scale_search=config.scale_search,
+        mixed_precision_budget=config.mixed_precision_budget,
     )

@@ -6,13 +6,16 @@ This is the one code path behind the Olive pass and the command line.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import onnx_ir as ir
+from onnxscript.rewriter._basics import MatchingTracer
 
 from olive_int4_pass.embedding_rules import embedding_rules
 from olive_int4_pass.options import QuantizeOptions
@@ -22,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
+REPORT_NAME = "quantization_report.json"
 _PROTOBUF_LIMIT = 2**31 - 1
 
 
@@ -39,15 +43,36 @@ class QuantizationReport:
     float_bytes: int = 0
     quantized_bytes: int = 0
     tied_decisions: list[str] = dataclasses.field(default_factory=list)
+    weight_errors: dict[str, dict] = dataclasses.field(default_factory=dict)
+    calibration_seconds: float | None = None
+
+    def to_json(self) -> dict:
+        worst = sorted(self.weight_errors.items(), key=lambda kv: -kv[1].get("relative_error", 0))
+        return {
+            "quantized_nodes": self.quantized,
+            "skipped_nodes": self.skipped,
+            "float_bytes": self.float_bytes,
+            "quantized_bytes": self.quantized_bytes,
+            "tied_embeddings": self.tied_decisions,
+            "calibration_seconds": self.calibration_seconds,
+            "weights_worst_first": dict(worst),
+        }
 
     @property
     def num_quantized(self) -> int:
         return len(self.quantized)
 
 
-def quantize_model(model: ir.Model, options: QuantizeOptions) -> QuantizationReport:
-    """Rewrite ``model`` in place. Packed weights are lazy: they are computed when the model is saved."""
+def quantize_model(model: ir.Model, options: QuantizeOptions, model_path: Path | None = None) -> QuantizationReport:
+    """Rewrite ``model`` in place. Packed weights are lazy: they are computed when the model is saved.
+
+    Calibrated options run the float model from ``model_path`` (its tokenizer.json and genai_config.json beside it).
+    """
     state = QuantizationState(options, model.graph)
+    if options.calibrated:
+        if model_path is None:
+            raise ValueError("calibrated quantization needs the model's file path")
+        _prepare_quality_plan(state, model, model_path)
     # Embeddings last: a tied table shares the tensor its lm_head MatMul got.
     for rule_set in [*quantization_rules(state), embedding_rules(state)]:
         rule_set.apply_to_model(model)
@@ -57,6 +82,8 @@ def quantize_model(model: ir.Model, options: QuantizeOptions) -> QuantizationRep
     report = QuantizationReport(
         dict(state.quantized), dict(state.skipped), removed, *state.byte_counts(), list(state.tied_decisions)
     )
+    report.weight_errors = state.quality.errors  # filled while the model is saved
+    report.calibration_seconds = getattr(state, "calibration_seconds", None)
     _log_report(report)
     return report
 
@@ -82,9 +109,14 @@ def quantize_file(
     output_dir = Path(output_dir)
     _refuse_overwriting_input(input_path, output_dir, model_name, external_data_name)
     model = load_checked(input_path)
-    report = quantize_model(model, options)
+    report = quantize_model(model, options, input_path)
     if report.num_quantized == 0:
         logger.warning("No MatMul in %s could be quantized; writing the model unchanged.", input_path)
+
+    def write_report(folder: Path) -> None:
+        (folder / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=1))
+        _log_worst(report)
+
     return save_atomically(
         model,
         output_dir,
@@ -92,6 +124,7 @@ def quantize_file(
         external_data_name=external_data_name,
         size_threshold=size_threshold,
         progress=progress,
+        before_publish=write_report if report.num_quantized else None,
     )
 
 
@@ -115,8 +148,12 @@ def save_atomically(
     external_data_name: str | None = DATA_NAME,
     size_threshold: int = 1024,
     progress: bool | None = None,
+    before_publish=None,
 ) -> Path:
-    """Save ``model`` into ``output_dir`` so that an interrupted run leaves nothing half-written there."""
+    """Save ``model`` into ``output_dir`` so that an interrupted run leaves nothing half-written there.
+
+    ``before_publish(folder)`` may add files (e.g. a report) to the temporary folder before it is published.
+    """
     if external_data_name is None and _initializer_bytes(model) > _PROTOBUF_LIMIT // 2:
         logger.info("Model too large for a single protobuf file; saving weights to %s", DATA_NAME)
         external_data_name = DATA_NAME
@@ -132,6 +169,8 @@ def save_atomically(
             if cause is None or cause is e:
                 raise
             raise type(cause)(str(cause)) from e
+        if before_publish is not None:
+            before_publish(tmp)
         output_dir.mkdir(parents=True, exist_ok=True)
         # Data first, graph last: a model.onnx present means its data is complete.
         for name in sorted(os.listdir(tmp), key=lambda n: n == model_name):
@@ -232,6 +271,40 @@ class _progress_bar:
         if self._last is not None and exc[0] is None:
             self._bar.update(self._last.nbytes)
         self._bar.close()
+
+
+def _prepare_quality_plan(state: QuantizationState, model: ir.Model, model_path: Path) -> None:
+    """Dry-run the rules to list candidates, calibrate on their inputs, then pick 8-bit tensors if asked."""
+    from olive_int4_pass.calibration import input_second_moments, load_calibration_text, tokenize
+
+    tracer = MatchingTracer()  # with a tracer the rules only match: nothing is rewritten
+    for rule_set in quantization_rules(state):
+        rule_set.apply_to_model(model, tracer=tracer)
+    state.forget_rewrites()  # the dry run still called the rewrite functions: drop what they built
+    opts = state.options
+    activations = {c.activation for c in state.candidates.values() if c.activation}
+    if not activations:
+        return
+    start = time.perf_counter()
+    token_ids = tokenize(load_calibration_text(opts.calibration), model_path.parent, opts.calibration_tokens)
+    state.quality.importance = input_second_moments(model_path, activations, token_ids)
+    state.calibration_seconds = time.perf_counter() - start
+    logger.info(
+        "Calibrated %d MatMul inputs on %d tokens in %.1f s.",
+        len(activations),
+        len(token_ids),
+        state.calibration_seconds,
+    )
+    if opts.mixed_precision_budget:
+        state.quality.choose_bits(state.candidates, opts.bits)
+
+
+def _log_worst(report: QuantizationReport, count: int = 5) -> None:
+    worst = sorted(report.weight_errors.items(), key=lambda kv: -kv[1].get("relative_error", 0))[:count]
+    for name, stats in worst:
+        weighted = stats.get("weighted_relative_error")
+        extra = f", importance-weighted {weighted:.4f}" if weighted is not None else ""
+        logger.info("Largest error: %s (%d bits): relative %.4f%s", name, stats["bits"], stats["relative_error"], extra)
 
 
 def _log_report(report: QuantizationReport) -> None:

@@ -23,8 +23,9 @@ import onnx_ir as ir
 from onnxscript.rewriter._basics import MatchResult
 from onnxscript.rewriter._rewrite_rule import RewriteRuleClassBase, RewriteRuleSet
 
-from olive_int4_pass.block_quant import QuantizedWeight, quantize_blockwise
+from olive_int4_pass.block_quant import QuantizedWeight
 from olive_int4_pass.options import QuantizeOptions
+from olive_int4_pass.quality import Candidate, QualityPlan, WeightKey
 
 MS_DOMAIN = "com.microsoft"
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
@@ -53,6 +54,16 @@ class QuantizationState:
         self.quantized: dict[str, int] = {}  # node name -> bits
         self.skipped: dict[str, str] = {}  # node name -> reason
         self.tied_decisions: list[str] = []
+        self.candidates: dict[WeightKey, Candidate] = {}  # MatMul weights the rules accepted
+        self.quality = QualityPlan(options)
+
+    def forget_rewrites(self) -> None:
+        """Drop everything but the candidates (after a dry run, whose replacements were discarded)."""
+        self.cache.clear()
+        self.replaced_weights.clear()
+        self.quantized.clear()
+        self.skipped.clear()
+        self.tied_decisions.clear()
 
     def _weight_problem(self, node: ir.Node, w: ir.Value) -> str | None:
         """Why ``w`` (read by ``node``) cannot be quantized, or None."""
@@ -75,7 +86,9 @@ class QuantizationState:
         self.skipped.setdefault(node.name or "<unnamed>", reason)
         return MatchResult().fail(reason)
 
-    def plan(self, node: ir.Node, w: ir.Value, result_value: ir.Value, transposed: bool) -> MatchResult | int:
+    def plan(
+        self, node: ir.Node, w: ir.Value, x: ir.Value, result_value: ir.Value, transposed: bool
+    ) -> MatchResult | int:
         """Return the bit width to quantize MatMul-like ``node`` with, or a failed MatchResult saying why not."""
         problem = self._weight_problem(node, w)
         if problem:
@@ -87,7 +100,11 @@ class QuantizationState:
             if self.options.lm_head == "int8":
                 bits = 8
         self.skipped.pop(node.name or "<unnamed>", None)
-        return bits
+        key = (id(w), transposed)
+        candidate = self.candidates.setdefault(key, Candidate(w.name, w.const_value, transposed, x.name))
+        if node.name not in candidate.nodes:
+            candidate.nodes.append(node.name)
+        return max(bits, self.quality.bits.get(key, bits))
 
     def plan_embedding(self, node: ir.Node, table: ir.Value, tied: bool) -> MatchResult | int:
         """Bit width for an embedding ``Gather`` (``Gather(Transpose(W))`` when ``tied``), or why it stays float."""
@@ -138,7 +155,8 @@ class QuantizationState:
         k, n = (cols, rows) if transposed else (rows, cols)
         opts = self.options
         n_blocks = -(-k // opts.block_size)
-        lazy = _LazyQuantization(source, transposed, opts, bits, w.name or "weight")
+        candidate = self.candidates.get((id(w), transposed)) or Candidate(w.name, source, transposed, None)
+        lazy = _LazyQuantization(self.quality, (id(w), transposed), candidate, bits, opts.is_symmetric)
         suffix = "" if not transposed else "_T"
         base = f"{w.name}{suffix}"
         packed = op.initializer(
@@ -187,12 +205,12 @@ class QuantizationState:
 class _LazyQuantization:
     """Quantizes one weight on first access of any of its parts; forgets the result once every part was read."""
 
-    def __init__(self, source: ir.TensorProtocol, transposed: bool, opts: QuantizeOptions, bits: int, name: str):
-        self._source = source
-        self._transposed = transposed
-        self._opts = opts
+    def __init__(self, plan: QualityPlan, key: WeightKey, candidate: Candidate, bits: int, symmetric: bool):
+        self._plan = plan
+        self._key = key
+        self._candidate = candidate
         self._bits = bits
-        self._name = name
+        self._parts = {"packed", "scales"} | (set() if symmetric else {"zero_points"})
         self._lock = threading.Lock()
         self._result: QuantizedWeight | None = None
         self._unread: set[str] = set()
@@ -203,25 +221,13 @@ class _LazyQuantization:
     def _part(self, part: str) -> np.ndarray:
         with self._lock:
             if self._result is None:
-                self._result = self._quantize()
-                self._unread = {"packed", "scales"} | ({"zero_points"} if not self._opts.is_symmetric else set())
+                self._result = self._plan.quantize(self._key, self._candidate, self._bits)
+                self._unread = set(self._parts)
             value = getattr(self._result, part)
             self._unread.discard(part)
             if not self._unread:
                 self._result = None
             return value
-
-    def _quantize(self) -> QuantizedWeight:
-        weight = self._source.numpy()  # memory-mapped for external data
-        if self._transposed:
-            weight = weight.T
-        return quantize_blockwise(
-            weight,
-            block_size=self._opts.block_size,
-            bits=self._bits,
-            symmetric=self._opts.is_symmetric,
-            name=self._name,
-        )
 
 
 class _QuantizeRuleBase(RewriteRuleClassBase):
@@ -239,12 +245,12 @@ class MatMulToMatMulNBits(_QuantizeRuleBase):
         return op.MatMul(x, w, _outputs=["out"])
 
     def check(self, context, x, w, out, **_):
-        plan = self._state.plan(out.producer(), w, out, self.transposed)
+        plan = self._state.plan(out.producer(), w, x, out, self.transposed)
         return plan if isinstance(plan, MatchResult) else MatchResult()
 
     def rewrite(self, op, x, w, out, **_):
         node = out.producer()
-        bits = self._state.plan(node, w, out, self.transposed)
+        bits = self._state.plan(node, w, x, out, self.transposed)
         return self._state.matmul_nbits(op, node, x, w, self.transposed, bits)
 
 
@@ -272,13 +278,13 @@ class GemmToMatMulNBits(_QuantizeRuleBase):
             return result.fail("Gemm with transA")
         if _gemm_bias(node) is False:
             return result.fail("Gemm bias is not a constant broadcastable to [N]")
-        plan = self._state.plan(node, w, out, bool(node.attributes.get_int("transB", 0)))
+        plan = self._state.plan(node, w, x, out, bool(node.attributes.get_int("transB", 0)))
         return plan if isinstance(plan, MatchResult) else result
 
     def rewrite(self, op, x, w, out, **_):
         node = out.producer()
         transposed = bool(node.attributes.get_int("transB", 0))
-        bits = self._state.plan(node, w, out, transposed)
+        bits = self._state.plan(node, w, x, out, transposed)
         bias = _gemm_bias(node)
         if bias is not None and len(bias.const_value.shape) != 1:
             self._state.replaced_weights[id(bias)] = bias  # dropped below if nothing else reads it
@@ -299,12 +305,12 @@ class MatMulAddToMatMulNBits(_QuantizeRuleBase):
             return result.fail("bias is not a constant 1-D tensor")
         if w.const_value is not None and b.const_value.shape[0] != w.const_value.shape[-1]:
             return result.fail("bias length != N")
-        plan = self._state.plan(mm_out.producer(), w, out, False)
+        plan = self._state.plan(mm_out.producer(), w, x, out, False)
         return plan if isinstance(plan, MatchResult) else result
 
     def rewrite(self, op, x, w, b, mm_out, out, **_):
         node = mm_out.producer()
-        bits = self._state.plan(node, w, out, False)
+        bits = self._state.plan(node, w, x, out, False)
         return self._state.matmul_nbits(op, node, x, w, False, bits, bias=b)
 
 

@@ -102,12 +102,12 @@ def test_same_input_gives_identical_bytes_and_the_input_is_untouched(tmp_path):
     quantize_file(src, tmp_path / "a", progress=False)
     quantize_file(src, tmp_path / "b", progress=False)
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
-    assert sorted(os.listdir(tmp_path / "a")) == ["model.onnx", "model.onnx.data"]
+    assert sorted(os.listdir(tmp_path / "a")) == ["model.onnx", "model.onnx.data", "quantization_report.json"]
     assert digest(src.parent) == before
 
 
 def test_folder_input_and_single_file_output(tmp_path):
     src = small_model(tmp_path / "in" / "model.onnx")
     out = quantize_file(src.parent, tmp_path / "out", external_data_name=None, progress=False)
-    assert sorted(os.listdir(out.parent)) == ["model.onnx"]
+    assert sorted(os.listdir(out.parent)) == ["model.onnx", "quantization_report.json"]
     assert [n.op_type for n in onnx.load(str(out)).graph.node] == ["MatMulNBits"]

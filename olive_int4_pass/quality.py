@@ -1,0 +1,160 @@
+"""How each weight is quantized: round to nearest by default; with calibration, importance-weighted scales and
+8 bits for the tensors whose measured error costs the most per byte. Also records per-weight quantization error.
+
+The plan is made before the model is written: candidates come from a dry run of the rewrite rules, activation
+statistics from :mod:`olive_int4_pass.calibration`, sensitivities from one pass over the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+
+import numpy as np
+
+from olive_int4_pass.block_quant import QuantizedWeight, dequantize_blockwise, quantize_blockwise
+from olive_int4_pass.options import QuantizeOptions
+from olive_int4_pass.scale_search import SearchResult, search_scales
+
+logger = logging.getLogger(__name__)
+
+WeightKey = tuple[int, bool]  # (id of the weight value, quantized transposed)
+_ERROR_SAMPLE_ROWS = 256
+
+
+@dataclasses.dataclass
+class Candidate:
+    """A float weight the rules will quantize, the activation it multiplies and the nodes reading it."""
+
+    name: str
+    source: object  # ir.TensorProtocol (memory-mapped when external)
+    transposed: bool
+    activation: str | None
+    nodes: list[str] = dataclasses.field(default_factory=list)
+
+    def weight(self) -> np.ndarray:
+        array = self.source.numpy()
+        return array.T if self.transposed else array
+
+    @property
+    def k(self) -> int:
+        return self.source.shape[0 if not self.transposed else 1]
+
+    @property
+    def n(self) -> int:
+        return self.source.shape[1 if not self.transposed else 0]
+
+
+class QualityPlan:
+    """Per-weight decisions (bits, searched scales) and the measured errors; thread-safe for ``ir.save``."""
+
+    def __init__(self, options: QuantizeOptions) -> None:
+        self.options = options
+        self.importance: dict[str, np.ndarray] = {}
+        self.bits: dict[WeightKey, int] = {}
+        self.searched: dict[tuple[WeightKey, int], SearchResult] = {}
+        self.errors: dict[str, dict] = {}
+        self._lock = threading.Lock()
+
+    def quantize(self, key: WeightKey, candidate: Candidate, bits: int) -> QuantizedWeight:
+        """Quantize one weight as planned and record its error."""
+        opts = self.options
+        weight = candidate.weight()
+        importance = self.importance.get(candidate.activation) if candidate.activation else None
+        search = None
+        if opts.scale_search:
+            search = self.searched.get((key, bits)) or self._search(weight, importance, bits)
+        q = quantize_blockwise(
+            weight,
+            block_size=opts.block_size,
+            bits=bits,
+            symmetric=opts.is_symmetric,
+            name=candidate.name,
+            scales=None if search is None else search.scales,
+            zero_points=None if search is None else search.zero_points,
+        )
+        stats = _error_stats(weight, q, importance)
+        stats.update(bits=bits, nodes=list(candidate.nodes), scale_search=search is not None)
+        with self._lock:
+            self.errors[candidate.name] = stats
+        return q
+
+    def _search(self, weight: np.ndarray, importance: np.ndarray | None, bits: int) -> SearchResult:
+        opts = self.options
+        return search_scales(weight, importance, block_size=opts.block_size, bits=bits, symmetric=opts.is_symmetric)
+
+    def choose_bits(self, candidates: dict[WeightKey, Candidate], default_bits: int) -> None:
+        """Measure each candidate at ``default_bits`` and move the costliest-per-byte ones to 8 bits."""
+        budget = self.options.mixed_precision_budget
+        sensitivity: dict[WeightKey, float] = {}
+        for key, cand in candidates.items():
+            importance = self.importance.get(cand.activation) if cand.activation else None
+            if self.options.scale_search:
+                result = self._search(cand.weight(), importance, default_bits)
+            else:  # the RTN error only
+                result = search_scales(
+                    cand.weight(),
+                    importance,
+                    block_size=self.options.block_size,
+                    grid=(1.0,),
+                    bits=default_bits,
+                    symmetric=self.options.is_symmetric,
+                )
+            if self.options.scale_search:
+                self.searched[(key, default_bits)] = result
+            error = result.weighted_error if self.options.scale_search else result.rtn_weighted_error
+            sensitivity[key] = error / max(result.weighted_energy, 1e-30)
+        sizes = {
+            key: _quantized_bytes(c.k, c.n, self.options.block_size, default_bits) for key, c in candidates.items()
+        }
+        upgraded = choose_upgrades(sensitivity, sizes, budget, default_bits)
+        for key in upgraded:
+            self.bits[key] = 8
+        if upgraded:
+            names = ", ".join(sorted(candidates[k].name for k in upgraded))
+            extra = sum(sizes[k] for k in upgraded) * (8 / default_bits - 1)
+            logger.info("Mixed precision: %d weights at 8 bits (+%.1f MB): %s", len(upgraded), extra / 1e6, names)
+
+
+def choose_upgrades(sensitivity: dict, sizes: dict, budget: float | None, default_bits: int = 4) -> list:
+    """Greedy knapsack: highest relative error per extra byte first, while the extra bytes fit the budget.
+
+    ``budget`` is the allowed growth of the quantized weights' total size (0.15 = 15 % more bytes).
+    """
+    if not budget or default_bits >= 8:
+        return []
+    extra = {k: sizes[k] * (8 / default_bits - 1) for k in sizes}
+    allowance = budget * sum(sizes.values())
+    chosen, spent = [], 0.0
+    for key in sorted(sensitivity, key=lambda k: sensitivity[k] / max(extra[k], 1), reverse=True):
+        if spent + extra[key] <= allowance:
+            chosen.append(key)
+            spent += extra[key]
+    return chosen
+
+
+def _quantized_bytes(k: int, n: int, block_size: int, bits: int) -> int:
+    n_blocks = -(-k // block_size)
+    return n * n_blocks * (block_size * bits // 8 + 2)
+
+
+def _error_stats(weight: np.ndarray, q: QuantizedWeight, importance: np.ndarray | None) -> dict:
+    """Relative error of the dequantized weight (and importance-weighted), on evenly spaced output channels."""
+    cols = np.unique(np.linspace(0, weight.shape[1] - 1, min(_ERROR_SAMPLE_ROWS, weight.shape[1])).astype(int))
+    sample = QuantizedWeight(
+        q.packed[cols],
+        q.scales[cols],
+        None if q.zero_points is None else q.zero_points[cols],
+        q.k,
+        len(cols),
+        q.block_size,
+        q.bits,
+    )
+    w = np.asarray(weight[:, cols], np.float32)
+    diff2 = (dequantize_blockwise(sample) - w) ** 2
+    stats = {"relative_error": float(np.sqrt(diff2.sum() / max(float((w**2).sum()), 1e-30)))}
+    if importance is not None:
+        imp = np.asarray(importance, np.float32)[:, None]
+        stats["weighted_relative_error"] = float(np.sqrt((imp * diff2).sum() / max(float((imp * w**2).sum()), 1e-30)))
+    return stats

@@ -1,0 +1,119 @@
+"""Calibrated quality options: they use the statistics, stay deterministic, and keep the MatMulNBits format."""
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx_helpers import check_numerics, initializers, nodes_of
+from test_tied_embeddings import decoder_feeds
+
+from olive_int4_pass.block_quant import dequantize_blockwise, quantize_blockwise
+from olive_int4_pass.calibration import input_second_moments, tokenize
+from olive_int4_pass.options import QuantizeOptions
+from olive_int4_pass.quality import choose_upgrades
+from olive_int4_pass.quantize import quantize_file
+from olive_int4_pass.scale_search import search_scales
+
+TEXT_A = "The river bends twice before the mill, and the miller counts sacks of grain by lamplight. " * 30
+TEXT_B = "Quantization maps weights to integers; onnxruntime multiplies packed four-bit blocks quickly. " * 30
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_scale_search_lowers_the_importance_weighted_error():
+    rng = np.random.default_rng(0)
+    k, n = 256, 96
+    activations = rng.standard_normal((512, k)) * np.exp(1.5 * rng.standard_normal(k))  # outlier channels
+    importance = (activations**2).mean(axis=0)
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float16)
+    for symmetric in (True, False):
+        result = search_scales(w, importance, symmetric=symmetric)
+        assert result.weighted_error < 0.9 * result.rtn_weighted_error
+        searched = quantize_blockwise(w, symmetric=symmetric, scales=result.scales, zero_points=result.zero_points)
+        rtn = quantize_blockwise(w, symmetric=symmetric)
+        out_err = [
+            np.mean((activations @ (dequantize_blockwise(q) - w.astype(np.float32))) ** 2) for q in (searched, rtn)
+        ]
+        assert out_err[0] < out_err[1]  # the real objective: the MatMul's output error
+        # Without candidates the search is round to nearest, byte for byte.
+        plain = search_scales(w, importance, symmetric=symmetric, grid=(1.0,))
+        np.testing.assert_array_equal(plain.scales, rtn.scales)
+
+
+def test_choose_upgrades_respects_the_budget_and_prefers_error_per_byte():
+    sensitivity = {"small_noisy": 0.20, "big_noisy": 0.25, "quiet": 0.01}
+    sizes = {"small_noisy": 100, "big_noisy": 1000, "quiet": 100}
+    # 4 -> 8 bits doubles a tensor's bytes: +100 for a small one fits a 10 % budget of 1200, +1000 does not.
+    assert choose_upgrades(sensitivity, sizes, 0.10) == ["small_noisy"]
+    assert choose_upgrades(sensitivity, sizes, 1.0) == ["small_noisy", "big_noisy", "quiet"]
+    assert choose_upgrades(sensitivity, sizes, None) == [] and choose_upgrades(sensitivity, sizes, 0.0) == []
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="need calibration"):
+        QuantizeOptions(scale_search=True)
+    with pytest.raises(ValueError, match="quality must be one of"):
+        QuantizeOptions(quality="best")
+    with pytest.raises(ValueError, match="fraction >= 0"):
+        QuantizeOptions(calibration="default", mixed_precision_budget=-1)
+    preset = QuantizeOptions(quality="max")
+    assert preset.scale_search and preset.mixed_precision_budget == 0.15 and preset.calibration == "default"
+    assert QuantizeOptions(quality="max", mixed_precision_budget=0.05).mixed_precision_budget == 0.05
+
+
+def test_calibration_statistics_drive_the_scales(exports, tmp_path):
+    src = exports("qwen2")["fp32-cpu"] / "model.onnx"
+    for name, text in (("a", TEXT_A), ("b", TEXT_B)):
+        (tmp_path / f"{name}.txt").write_text(text)
+
+    def run(text_name, out_name):
+        options = QuantizeOptions(calibration=str(tmp_path / f"{text_name}.txt"), scale_search=True)
+        return quantize_file(src, tmp_path / out_name, options, progress=False)
+
+    a1, a2, b = run("a", "a1"), run("a", "a2"), run("b", "b")
+    data = {p: digest(p.parent / "model.onnx.data") for p in (a1, a2, b)}
+    assert data[a1] == data[a2]  # same calibration data: identical bytes
+    assert data[a1] != data[b]  # different calibration data: different scales
+    scales_a, scales_b = initializers(onnx.load(str(a1))), initializers(onnx.load(str(b)))
+    changed = [k for k in scales_a if k.endswith("_scales") and not np.array_equal(scales_a[k], scales_b[k])]
+    assert changed
+    report = json.loads((a1.parent / "quantization_report.json").read_text())
+    assert report["calibration_seconds"] > 0
+    assert all("weighted_relative_error" in stats for stats in report["weights_worst_first"].values())
+
+
+def test_second_moments_match_a_direct_computation(exports):
+    built = exports("qwen2")["fp32-cpu"]
+    ids = tokenize(TEXT_A, built, 40)
+    first_input = "/model/layers.0/input_layernorm/output_0"  # feeds the first qkv MatMul
+    in_windows = input_second_moments(built / "model.onnx", [first_input], ids, window=16)[first_input]
+    whole = input_second_moments(built / "model.onnx", [first_input], ids, window=40)[first_input]
+    assert in_windows.shape == (64,) and np.all(in_windows > 0)
+    # RMSNorm output of a token does not depend on other tokens: windows give the same moments.
+    np.testing.assert_allclose(in_windows, whole, rtol=1e-5)
+
+
+def test_max_preset_mixes_bit_widths_and_still_runs(exports, tmp_path):
+    built = exports("qwen2")["fp32-cpu"]
+    out = quantize_file(built / "model.onnx", tmp_path / "max", QuantizeOptions(quality="max"), progress=False)
+    model = onnx.load(str(out))
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nodes_of(model, "MatMulNBits")}
+    assert set(bits.values()) == {4, 8}, bits
+    report = json.loads((out.parent / "quantization_report.json").read_text())
+    eight = {name for name, s in report["weights_worst_first"].items() if s["bits"] == 8}
+    assert eight and all(s["scale_search"] for s in report["weights_worst_first"].values())
+    check_numerics(out, decoder_feeds(out, built), rtol=1e-3)
+
+
+def test_calibration_needs_the_tokenizer(exports, tmp_path):
+    folder = tmp_path / "no_tokenizer"
+    shutil.copytree(exports("qwen2")["fp32-cpu"], folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        quantize_file(folder / "model.onnx", tmp_path / "out", QuantizeOptions(quality="balanced"), progress=False)
+    assert not (tmp_path / "out").exists()
