@@ -25,6 +25,20 @@ PASSES: dict[str, dict] = {
         "supported_precisions": ["int4", "int8"],
         "supported_algorithms": ["rtn"],
     },
+    "GenAIModelExport": {
+        "module_path": "olive_int4_pass.genai_export.GenAIModelExport",
+        "supported_providers": ["CPUExecutionProvider", "CUDAExecutionProvider"],
+        "supported_accelerators": ["cpu", "gpu"],
+        "supported_precisions": ["fp16", "fp32"],
+        "supported_algorithms": [],
+    },
+    "GenAIPackaging": {
+        "module_path": "olive_int4_pass.genai_packaging.GenAIPackaging",
+        "supported_providers": ["CPUExecutionProvider", "CUDAExecutionProvider"],
+        "supported_accelerators": ["cpu", "gpu"],
+        "supported_precisions": ["*"],
+        "supported_algorithms": [],
+    },
 }
 _PATCHED = "_olive_int4_pass_patched"
 
