@@ -1,4 +1,4 @@
-"""Command line: ``olive-int4 quantize IN.onnx OUT_DIR`` (also ``python -m olive_int4_pass``), no Olive needed."""
+"""Command line (or ``python -m olive_int4_pass``): ``olive-int4 quantize IN.onnx OUT_DIR``, ``compare``, ``chat``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from olive_int4_pass.options import EMBEDDING_CHOICES, LM_HEAD_CHOICES, QuantizeOptions
+from olive_int4_pass.options import EMBEDDING_CHOICES, LM_HEAD_CHOICES, QUALITY_PRESETS, QuantizeOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,17 +26,73 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--fuse-bias", action="store_true", help="fold Add(MatMul, b) into MatMulNBits' bias")
     q.add_argument("--no-tied-embeddings", action="store_true", help="keep a float table for a tied embedding")
     q.add_argument("--embedding", choices=EMBEDDING_CHOICES, default="float", help="untied embedding table")
+    q.add_argument("--quality", choices=sorted(QUALITY_PRESETS), default=None, help="calibrated quality preset")
+    q.add_argument("--calibration", default=None, help="calibration text file, or 'default' (built-in passage)")
+    q.add_argument("--scale-search", action="store_true", default=None, help="importance-weighted scale search")
+    q.add_argument("--mixed-precision-budget", type=float, default=None, help="8-bit budget, e.g. 0.15 = +15%%")
     q.add_argument("--single-file", action="store_true", help="no external data file (models under 1 GB)")
     q.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    _add_compare_parser(commands)
+    chat = commands.add_parser(
+        "chat", help="chat with / generate from an onnxruntime-genai package folder", add_help=False
+    )
+    chat.add_argument("chat_args", nargs=argparse.REMAINDER, help="see `olive-int4 chat --help`")
     return parser
 
 
+def _add_compare_parser(commands) -> None:
+    c = commands.add_parser(
+        "compare",
+        help="build FP32/FP16/INT8/INT4 variants and report size, speed and accuracy (Markdown table + PNG)",
+        description="Build or reuse FP32/FP16/INT8/INT4 variants of a model, measure them on this machine (CPU) and"
+        " write report.md, report.png and report.json.",
+    )
+    c.add_argument(
+        "model",
+        nargs="?",
+        help="Hugging Face folder or hub id (exported with the onnxruntime-genai builder), or an existing ONNX /"
+        " package folder (as --use would take it)",
+    )
+    c.add_argument("-o", "--output-dir", default="compare-report", help="where the report goes (default: %(default)s)")
+    c.add_argument(
+        "--variants",
+        help="comma-separated names to measure; built: fp32, fp16, int8, int4, int4-balanced, int4-max"
+        " (default: fp32,fp16,int8,int4 where they can be had)",
+    )
+    c.add_argument(
+        "--use",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="an existing package or ONNX folder as variant NAME (default name from its weights: fp32, fp16, int4..)",
+    )
+    c.add_argument("--reference", help="variant to compare against (default: the best precision present)")
+    c.add_argument("--text", help="UTF-8 text to score (default: a built-in passage of about 3,000 words)")
+    c.add_argument("--window", type=int, default=1024, help="tokens per independent window (default %(default)s)")
+    c.add_argument("--max-tokens", type=int, default=4096, help="tokens of the text to score (default %(default)s)")
+    c.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for speed (default %(default)s)")
+    c.add_argument("--decode-tokens", type=int, default=64, help="new tokens for speed (default %(default)s)")
+    c.add_argument("--runs", type=int, default=3, help="timed runs per variant, median reported; 0: skip speed")
+    c.add_argument("--calibration", help="calibration text for the int4 quality presets (QuantizeOptions.calibration)")
+    c.add_argument("--work-dir", help="where variants are built and cached (default: OUTPUT_DIR/variants)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["chat"]:  # its own parser and help
+        from olive_int4_pass.genai_chat import main as chat_main
+
+        return chat_main(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO, format="%(message)s")
+    # compare: progress bars only; the quantizer's per-variant log lines would break them up.
+    verbose = args.command == "quantize" and not args.quiet
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     try:
         if args.command == "quantize":
             return _quantize(args)
+        if args.command == "compare":
+            return _compare(args)
     except (ValueError, TypeError) as e:
         print(f"olive-int4: error: {e}", file=sys.stderr)
         return 2
@@ -57,6 +113,10 @@ def _quantize(args: argparse.Namespace) -> int:
         fuse_bias=args.fuse_bias,
         tied_embeddings=not args.no_tied_embeddings,
         embedding=args.embedding,
+        quality=args.quality,
+        calibration=args.calibration,
+        scale_search=args.scale_search,
+        mixed_precision_budget=args.mixed_precision_budget,
     )
     path = quantize_file(
         args.input,
@@ -66,4 +126,53 @@ def _quantize(args: argparse.Namespace) -> int:
         progress=False if args.quiet else None,
     )
     print(path)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from olive_int4_pass.compare import CompareSettings, compare
+    from olive_int4_pass.compare_variants import infer_label, onnx_file_of
+
+    given: dict[str, str] = {}
+    uses = list(args.use)
+    model = args.model
+    if (
+        model
+        and Path(model).is_dir()
+        and (any(Path(model).glob("*.onnx")) or (Path(model) / "genai_config.json").is_file())
+    ):
+        uses.insert(0, model)  # an ONNX / package folder, not a Hugging Face one
+        model = None
+    for use in uses:
+        name, sep, folder = use.partition("=")
+        if not sep or Path(use).exists():
+            name, folder = infer_label(onnx_file_of(Path(use))), use
+        if name in given:
+            raise ValueError(f"two folders for variant {name!r}: {given[name]} and {folder}; name them with NAME=DIR")
+        given[name] = folder
+    settings = CompareSettings(
+        window=args.window,
+        max_tokens=args.max_tokens,
+        prompt_tokens=args.prompt_tokens,
+        decode_tokens=args.decode_tokens,
+        runs=args.runs,
+    )
+    result = compare(
+        model,
+        args.output_dir,
+        variants=[v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None,
+        given=given,
+        reference=args.reference,
+        text_file=args.text,
+        settings=settings,
+        calibration=args.calibration,
+        work_dir=args.work_dir,
+        progress=not args.quiet,
+    )
+    print(result.markdown_path.read_text(encoding="utf-8").split("\n\nColumns:")[0])
+    print()
+    for label, path in (("table", result.markdown_path), ("figure", result.figure_path), ("data", result.json_path)):
+        print(f"{label}: {path}")
     return 0

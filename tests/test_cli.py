@@ -51,3 +51,10 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
     assert main(["quantize", str(src), str(tmp_path / "out"), "--block-size", "12"]) == 2
     assert "power of two" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_chat_subcommand_generates_from_a_package(builder_exports, capsys):
+    package = builder_exports["int4-cpu"]
+    code = main(["chat", str(package), "-p", "The quick brown fox", "--greedy", "--cpu", "--max-new-tokens", "4"])
+    assert code == 0
+    assert capsys.readouterr().out.strip()  # some generated text
