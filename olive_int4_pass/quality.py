@@ -12,7 +12,9 @@ import logging
 import threading
 
 import numpy as np
+import onnx_ir as ir
 
+from olive_int4_pass import fast_rtn
 from olive_int4_pass.block_quant import QuantizedWeight, dequantize_blockwise, quantize_blockwise
 from olive_int4_pass.options import QuantizeOptions
 from olive_int4_pass.scale_search import SearchResult, search_scales
@@ -34,7 +36,14 @@ class Candidate:
     nodes: list[str] = dataclasses.field(default_factory=list)
 
     def weight(self) -> np.ndarray:
-        array = self.source.numpy()
+        source = self.source
+        if isinstance(source, ir.ExternalTensor):
+            # A private map, unmapped once the array is dropped: onnx_ir's own map stays open with the tensor and
+            # keeps every page read through it resident (the whole float model, in the end).
+            shape = tuple(int(d) for d in source.shape)
+            array = np.memmap(source.path, dtype=source.dtype.numpy(), mode="r", offset=source.offset or 0, shape=shape)
+        else:
+            array = source.numpy()
         return array.T if self.transposed else array
 
     @property
@@ -60,21 +69,37 @@ class QualityPlan:
     def quantize(self, key: WeightKey, candidate: Candidate, bits: int) -> QuantizedWeight:
         """Quantize one weight as planned and record its error."""
         opts = self.options
-        weight = candidate.weight()
         importance = self.importance.get(candidate.activation) if candidate.activation else None
+        cols = _sample_columns(candidate.n)
         search = None
-        if opts.scale_search:
-            search = self.searched.get((key, bits)) or self._search(weight, importance, bits)
-        q = quantize_blockwise(
-            weight,
-            block_size=opts.block_size,
-            bits=bits,
-            symmetric=opts.is_symmetric,
-            name=candidate.name,
-            scales=None if search is None else search.scales,
-            zero_points=None if search is None else search.zero_points,
-        )
-        stats = _error_stats(weight, q, importance)
+        dtype = candidate.source.dtype.numpy()
+        if not opts.scale_search and fast_rtn.applies(
+            dtype, candidate.k, candidate.n, opts.block_size, bits, opts.is_symmetric
+        ):
+            # Round to nearest, streamed: the float weight is read band by band and never held whole.
+            q, sample = fast_rtn.quantize_source(
+                candidate.source,
+                candidate.transposed,
+                block_size=opts.block_size,
+                bits=bits,
+                name=candidate.name,
+                sample_cols=cols,
+            )
+        else:
+            weight = candidate.weight()
+            if opts.scale_search:
+                search = self.searched.get((key, bits)) or self._search(weight, importance, bits)
+            q = quantize_blockwise(
+                weight,
+                block_size=opts.block_size,
+                bits=bits,
+                symmetric=opts.is_symmetric,
+                name=candidate.name,
+                scales=None if search is None else search.scales,
+                zero_points=None if search is None else search.zero_points,
+            )
+            sample = np.asarray(weight[:, cols], np.float32)
+        stats = _error_stats(cols, sample, q, importance)
         stats.update(bits=bits, nodes=list(candidate.nodes), scale_search=search is not None)
         with self._lock:
             self.errors[candidate.name] = stats
@@ -139,9 +164,16 @@ def _quantized_bytes(k: int, n: int, block_size: int, bits: int) -> int:
     return n * n_blocks * (block_size * bits // 8 + 2)
 
 
-def _error_stats(weight: np.ndarray, q: QuantizedWeight, importance: np.ndarray | None) -> dict:
-    """Relative error of the dequantized weight (and importance-weighted), on evenly spaced output channels."""
-    cols = np.unique(np.linspace(0, weight.shape[1] - 1, min(_ERROR_SAMPLE_ROWS, weight.shape[1])).astype(int))
+def _sample_columns(n: int) -> np.ndarray:
+    """Evenly spaced output channels on which the error is measured."""
+    return np.unique(np.linspace(0, n - 1, min(_ERROR_SAMPLE_ROWS, n)).astype(int))
+
+
+def _error_stats(cols: np.ndarray, w: np.ndarray, q: QuantizedWeight, importance: np.ndarray | None) -> dict:
+    """Relative error of the dequantized weight (and importance-weighted) on output channels ``cols``.
+
+    ``w`` is the float weight's float32 ``W[:, cols]``.
+    """
     sample = QuantizedWeight(
         q.packed[cols],
         q.scales[cols],
@@ -151,7 +183,6 @@ def _error_stats(weight: np.ndarray, q: QuantizedWeight, importance: np.ndarray 
         q.block_size,
         q.bits,
     )
-    w = np.asarray(weight[:, cols], np.float32)
     diff2 = (dequantize_blockwise(sample) - w) ** 2
     stats = {"relative_error": float(np.sqrt(diff2.sum() / max(float((w**2).sum()), 1e-30)))}
     if importance is not None:

@@ -27,6 +27,7 @@ MODEL_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
 REPORT_NAME = "quantization_report.json"
 _PROTOBUF_LIMIT = 2**31 - 1
+_SAVE_WORKERS = 2
 
 
 class InvalidModelError(ValueError):
@@ -79,6 +80,7 @@ def quantize_model(model: ir.Model, options: QuantizeOptions, model_path: Path |
     if state.quantized:
         model.graph.opset_imports.setdefault(MS_DOMAIN, 1)
     removed = state.remove_replaced_weights()
+    _largest_first(model.graph, state)
     report = QuantizationReport(
         dict(state.quantized), dict(state.skipped), removed, *state.byte_counts(), list(state.tied_decisions)
     )
@@ -86,6 +88,24 @@ def quantize_model(model: ir.Model, options: QuantizeOptions, model_path: Path |
     report.calibration_seconds = getattr(state, "calibration_seconds", None)
     _log_report(report)
     return report
+
+
+def _largest_first(graph: ir.Graph, state: QuantizationState) -> None:
+    """Reorder the initializers (the order ``ir.save`` writes them in): the largest quantized weight's packed tensor
+    first and its scales (and zero points) last.
+
+    Packed tensors are computed while being written. Started first, the biggest one (the lm_head) is quantized and
+    written while the second writer gets through the rest, instead of running alone at the end; its scales, which
+    wait for that computation, come last so that they hold up no writer.
+    """
+    if not state.cache:
+        return
+    largest = max(state.cache.values(), key=lambda q: q.k * q.n)
+    last = {v.name for v in (largest.scales, largest.zero_points) if v is not None}
+    names = list(graph.initializers)
+    order = [largest.packed.name] + [n for n in names if n != largest.packed.name and n not in last]
+    for name in order[1:] + [n for n in names if n in last]:  # re-adding a value moves it to the end
+        graph.initializers[name] = graph.initializers.pop(name)
 
 
 def quantize_file(
@@ -183,8 +203,14 @@ def save_atomically(
 def _save(model: ir.Model, path: Path, external_data_name: str | None, size_threshold: int, progress) -> None:
     with _progress_bar(model, progress) as callback:
         if external_data_name:
+            # Two writers: one tensor is quantized while the previous one is written (or the embedding copied).
             ir.save(
-                model, path, external_data=external_data_name, size_threshold_bytes=size_threshold, callback=callback
+                model,
+                path,
+                external_data=external_data_name,
+                size_threshold_bytes=size_threshold,
+                callback=callback,
+                max_workers=_SAVE_WORKERS,
             )
         else:
             for tensor in _initializer_tensors(model):

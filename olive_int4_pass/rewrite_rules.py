@@ -227,6 +227,8 @@ class _LazyQuantization:
             self._unread.discard(part)
             if not self._unread:
                 self._result = None
+            elif part == "packed":  # the bulk is being written: keep only the parts still to be read
+                self._result = dataclasses.replace(self._result, packed=None)
             return value
 
 
