@@ -116,8 +116,13 @@ def fix_olive_custom_metrics() -> None:
     ``None`` for custom metrics and its serializer calls ``None.model_dump()``; so does ``SubMetric.metric_config``'s;
     and fields typed ``ConfigBase`` (the metric's ``user_config``) are dumped as the base class, dropping
     ``user_script`` / ``evaluate_func``, while Olive round-trips its configs through ``model_dump``.
+
+    A fourth shows once the evaluator config is dumped whole (pydantic >= 2.14): Olive's resource finder tries every
+    dict with a ``type`` key as a resource path, and the evaluator's ``type: None`` reaches
+    ``CaseInsensitiveEnum._missing_``, which calls ``None.lower()`` (an ``AttributeError`` the finder does not
+    catch, where a ``ValueError`` means "not a resource"). Non-strings now miss the enum with a ``ValueError``.
     """
-    from olive.common.config_utils import ConfigBase
+    from olive.common.config_utils import CaseInsensitiveEnum, ConfigBase
     from olive.evaluator.metric import Metric, SubMetric
 
     if getattr(ConfigBase, "_olive_int4_custom_metric_fix", False):
@@ -139,6 +144,13 @@ def fix_olive_custom_metrics() -> None:
         return original_dump(self, **kwargs)
 
     ConfigBase.model_dump = model_dump
+
+    missing = CaseInsensitiveEnum._missing_.__func__
+
+    def case_insensitive_missing(cls, value):
+        return missing(cls, value) if isinstance(value, str) else None  # None: Enum raises ValueError
+
+    CaseInsensitiveEnum._missing_ = classmethod(case_insensitive_missing)
     ConfigBase._olive_int4_custom_metric_fix = True
 
 

@@ -207,11 +207,6 @@ def test_olive_metric_matches_the_report(compared):
         evaluate_quality(variants / "int4", reference=compared["hf"])
 
 
-@pytest.mark.xfail(
-    reason="known open bug (issue 8): with pydantic 2.14 Olive's resource-path validation gets type None after"
-    " fix_olive_custom_metrics(); passes with pydantic 2.13",
-    strict=False,
-)
 def test_olive_run_reports_quality(compared, tmp_path):
     variants = compared["out"] / "variants"
     recipe = tmp_path / "recipe.yaml"

@@ -1,5 +1,6 @@
 """A regular (non-editable) wheel install registers the pass too: the .pth hook ships inside the wheel."""
 
+import site
 import subprocess
 import sys
 import zipfile
@@ -20,9 +21,19 @@ def test_wheel_carries_the_hook_and_registers_the_pass(tmp_path):
     assert "olive_int4_pass.pth" in names and "olive_int4_pass/data/calibration.txt" in names
 
     # A fresh environment that sees the test environment's dependencies but installs our package from the wheel.
+    # (--system-site-packages would expose the base interpreter's packages, not this virtual environment's.) A path
+    # line in a .pth file adds the directory without running the .pth files inside it, so the editable install's
+    # hook and finder stay out.
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
+    venv_site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (Path(venv_site) / "outer_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     installed = subprocess.run(
         [python, "-m", "pip", "install", "--no-deps", "-q", str(wheel)], capture_output=True, text=True
     )
