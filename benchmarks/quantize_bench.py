@@ -1,8 +1,9 @@
 """Quantize a 7B-shaped fp16 ONNX model with our pass and the anchors; print wall time, peak RSS and ratios.
 
     python benchmarks/quantize_bench.py --layers 2 --repeat 5
-    python benchmarks/quantize_bench.py --layers 4 8 --repeat 3 --tools ours ours-proposed olive-rtn ort-nbits cp
-    python benchmarks/quantize_bench.py --layers 28 --unique-layers 2 --repeat 1 --tools ours ours-proposed
+    python benchmarks/quantize_bench.py --layers 4 8 --repeat 3 --tools ours olive-rtn ort-nbits cp
+    python benchmarks/quantize_bench.py --layers 28 --repeat 1 --tools ours cp     # 15 GB on disk
+    python benchmarks/quantize_bench.py --layers 28 --unique-layers 2 --repeat 1 --tools ours   # 3 GB on disk
 
 The model is synthetic (random fp16 weights, Qwen2-7B shapes, onnxruntime-genai builder names and I/O), built
 offline once under ``--work-dir`` and reused. Every tool runs in its own subprocess so that its peak RSS
@@ -12,8 +13,6 @@ interleaved within a round so that machine noise hits them alike.
 
 Tools:
 - ``ours``: ``olive_int4_pass.quantize.quantize_file`` (the code path behind our Olive pass and CLI).
-- ``ours-proposed``: the same with the streaming patch proposed for the core applied at run time (``fast_rtn.py``
-  next to this file; see ``_install_proposed_patch``). Once the core has it, it is the same as ``ours``.
 - ``ours-in-memory``: the same rewrite after ``ir.external_data.load_to_model`` (the non-streaming reference).
 - ``olive-rtn``: Olive's ``OnnxBlockWiseRtnQuantization`` (block 32, symmetric, embedding Gather excluded).
 - ``ort-nbits``: onnxruntime's ``MatMulNBitsQuantizer`` (default RTN config, block 32, symmetric, MatMul only).
@@ -27,8 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import filecmp
-import functools
-import importlib.util
 import json
 import logging
 import os
@@ -43,7 +40,7 @@ from pathlib import Path
 MODEL_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
 EMBED_GATHER = "/model/embed_tokens/Gather"
-TOOLS = ("ours", "ours-proposed", "ours-in-memory", "olive-rtn", "ort-nbits", "cp")
+TOOLS = ("ours", "ours-in-memory", "olive-rtn", "ort-nbits", "cp")
 ANCHORS = ("olive-rtn", "ort-nbits")
 _GB = 1e9
 
@@ -235,109 +232,6 @@ def _run_ours(model: Path, out: Path) -> None:
     quantize_file(model, out, QuantizeOptions(), progress=False)
 
 
-def _run_ours_proposed(model: Path, out: Path) -> None:
-    _install_proposed_patch()
-    _run_ours(model, out)
-
-
-def _install_proposed_patch() -> None:
-    """Apply at run time what the proposed core patch does: ``benchmarks/fast_rtn.py`` moved into the package,
-    ``QualityPlan.quantize`` streaming round-to-nearest weights through it (private maps for the other paths),
-    ``ir.save`` with two writers, the largest quantized weight started first and its packed array dropped once
-    written."""
-    import numpy as np
-    import onnx_ir as ir
-
-    import olive_int4_pass.quantize as qz
-    from olive_int4_pass import quality, rewrite_rules
-
-    if importlib.util.find_spec("olive_int4_pass.fast_rtn") is not None:
-        return  # the patch is in the core: "ours" already runs it
-    sys.path.insert(0, str(Path(__file__).parent))
-    import fast_rtn
-
-    original_quantize, original_weight = quality.QualityPlan.quantize, quality.Candidate.weight
-
-    def weight(self):
-        source = self.source
-        if not isinstance(source, ir.ExternalTensor):
-            return original_weight(self)
-        shape = tuple(int(d) for d in source.shape)
-        array = np.memmap(source.path, dtype=source.dtype.numpy(), mode="r", offset=source.offset or 0, shape=shape)
-        return array.T if self.transposed else array
-
-    def quantize(self, key, candidate, bits):
-        opts = self.options
-        dtype = candidate.source.dtype.numpy()
-        fast = fast_rtn.applies(dtype, candidate.k, candidate.n, opts.block_size, bits, opts.is_symmetric)
-        if opts.scale_search or not fast:
-            return original_quantize(self, key, candidate, bits)
-        n = candidate.n
-        cols = np.unique(np.linspace(0, n - 1, min(quality._ERROR_SAMPLE_ROWS, n)).astype(int))
-        q, sample = fast_rtn.quantize_source(
-            candidate.source,
-            candidate.transposed,
-            block_size=opts.block_size,
-            bits=bits,
-            name=candidate.name,
-            sample_cols=cols,
-        )
-        importance = self.importance.get(candidate.activation) if candidate.activation else None
-        stats = quality._error_stats(_Sampled(candidate.k, n, sample), q, importance)
-        stats.update(bits=bits, nodes=list(candidate.nodes), scale_search=False)
-        with self._lock:
-            self.errors[candidate.name] = stats
-        return q
-
-    quality.QualityPlan.quantize, quality.Candidate.weight = quantize, weight
-    # save_atomically: ir.save(..., max_workers=2), one tensor quantized while the previous one is written.
-    ir.save = functools.partial(ir.save, max_workers=2)
-    # quantize_model: the largest quantized weight's packed tensor written first, its scales last.
-    original_save = qz._save
-
-    def save(model, path, *args, **kwargs):
-        graph = model.graph
-        lazy = [v for v in graph.initializers.values() if isinstance(v.const_value, ir.LazyTensor)]
-        if lazy:
-            packed = max(lazy, key=lambda v: v.const_value.nbytes).name
-            base = packed.rsplit("_Q", 1)[0]
-            last = {f"{base}_scales", f"{base}_zero_points"}
-            names = list(graph.initializers)
-            for name in [n for n in names if n != packed and n not in last] + [n for n in names if n in last]:
-                graph.initializers[name] = graph.initializers.pop(name)
-        return original_save(model, path, *args, **kwargs)
-
-    qz._save = save
-    # _LazyQuantization._part: drop the packed array once it is read (the scales may be read much later).
-    lazy_cls = rewrite_rules._LazyQuantization
-
-    def part(self, name):
-        with self._lock:
-            if self._result is None:
-                self._result = self._plan.quantize(self._key, self._candidate, self._bits)
-                self._unread = set(self._parts)
-            value = getattr(self._result, name)
-            self._unread.discard(name)
-            if not self._unread:
-                self._result = None
-            elif name == "packed":
-                self._result = dataclasses.replace(self._result, packed=None)
-            return value
-
-    lazy_cls._part = part
-
-
-class _Sampled:
-    """``W`` as the core's ``_error_stats(W, q, importance)`` reads it: ``W.shape`` and ``W[:, sampled columns]``."""
-
-    def __init__(self, k: int, n: int, values) -> None:
-        self.shape = (k, n)
-        self._values = values
-
-    def __getitem__(self, index):
-        return self._values
-
-
 def _run_ours_in_memory(model: Path, out: Path) -> None:
     import onnx_ir as ir
 
@@ -375,16 +269,13 @@ def _run_ort_nbits(model: Path, out: Path) -> None:
 
 _RUNNERS = {
     "ours": _run_ours,
-    "ours-proposed": _run_ours_proposed,
     "ours-in-memory": _run_ours_in_memory,
     "olive-rtn": _run_olive_rtn,
     "ort-nbits": _run_ort_nbits,
 }
 # torch: the streaming kernel imports it on first use (olive imports it too, outside the step).
-_STREAMING = ["olive_int4_pass.quantize", "torch"]
 _IMPORTS = {
-    "ours": ["olive_int4_pass.quantize"],  # + torch once the core has the streaming kernel (see _child)
-    "ours-proposed": _STREAMING,
+    "ours": ["olive_int4_pass.quantize", "torch"],
     "ours-in-memory": ["olive_int4_pass.quantize"],
     "olive-rtn": ["olive.passes.onnx.rtn_quantization", "olive.model"],
     "ort-nbits": ["onnx", "onnxruntime.quantization.matmul_nbits_quantizer"],
@@ -408,8 +299,7 @@ def _child(tool: str, *args: str) -> None:
         print(verify_output(Path(args[0]), Path(args[1]), args[2]))
         return
     model, out, result_file = map(Path, args)
-    streaming_core = tool == "ours" and importlib.util.find_spec("olive_int4_pass.fast_rtn") is not None
-    for module in _STREAMING if streaming_core else _IMPORTS[tool]:  # imports are not part of the timed step
+    for module in _IMPORTS[tool]:  # imports are not part of the timed step
         __import__(module)
     logging.disable(logging.INFO)  # the anchors log every node
     start, cpu = time.perf_counter(), _cpu_seconds()
@@ -579,18 +469,18 @@ def benchmark(shape: ModelShape, tools: list[str], repeat: int, work_dir: Path, 
     return {"layers": shape.layers, "aliased": bool(alias), "data_gb": data_gb, "runs": runs, "checks": checks}
 
 
-_COMPARED = ("ours-proposed", "ours-in-memory", *ANCHORS)
+_COMPARED = ("ours-in-memory", *ANCHORS)
 
 
 def verify_output(ours: Path, other: Path, tool: str) -> str:
     """One line: whether ``tool``'s output matches ours.
 
-    ``ours-in-memory`` runs our code on loaded weights: the files must be identical. ``ours-proposed`` writes the
-    largest weight first, so its data file is laid out differently: graph and tensors must be identical. The
-    anchors name and shape some tensors their own way: their packed weights and scales must be identical.
+    ``ours-in-memory`` runs our non-streaming path (weights loaded first, the numpy/onnxruntime kernel) on the same
+    input: graph and tensors must be identical. The anchors name and shape some tensors their own way: their
+    packed weights and scales must be identical.
     """
-    if tool == "ours-in-memory":
-        return f"ours vs {tool}: {'byte-identical files' if same_files(ours, other) else 'FILES DIFFER'}"
+    if tool == "ours-in-memory" and same_files(ours, other):
+        return f"ours vs {tool}: byte-identical files"
     ok, why = same_quantized_weights(ours, other) if tool in ANCHORS else same_graph_and_tensors(ours, other)
     return f"ours vs {tool}: {why if ok else 'MISMATCH: ' + why}"
 
