@@ -1,20 +1,27 @@
 """Calibration: per-channel second moments ``E[x_k^2]`` of every quantized MatMul's input, from the float model.
 
 The float decoder (genai builder layout: ``input_ids``, ``attention_mask``, ``past_key_values.*``) runs in
-onnxruntime over the calibration text in independent windows with an empty KV cache; the MatMul inputs are
+onnxruntime over the calibration tokens in independent windows with an empty KV cache; the MatMul inputs are
 exposed as extra graph outputs and reduced to one float64 vector per input right away, so memory holds one
 window's activations at a time. The weights stay in the input's external data file (read in place).
+
+The tokens come from a text (tokenized with the model's ``tokenizer.json``) or, already tokenized, from the caller
+(e.g. an Olive data config's batches): a list of samples, each run as its own sequence.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +60,16 @@ def tokenize(text: str, model_dir: Path, max_tokens: int) -> list[int]:
 
 
 def input_second_moments(
-    model_path: Path, activations: Iterable[str], token_ids: list[int], window: int = _WINDOW
+    model_path: Path,
+    activations: Iterable[str],
+    token_ids: Sequence[int] | Sequence[Sequence[int]],
+    window: int = _WINDOW,
 ) -> dict[str, np.ndarray]:
-    """``{activation name: E[x^2] per channel}`` over ``token_ids``, run in windows of ``window`` tokens."""
+    """``{activation name: E[x^2] per channel}`` over ``token_ids``, run in windows of ``window`` tokens.
+
+    ``token_ids`` is one token sequence or a list of sequences (independent samples); each sequence is cut into
+    its own windows, so no window spans two samples.
+    """
     import onnx
     import onnxruntime as ort
 
@@ -72,18 +86,169 @@ def input_second_moments(
     feeds_template = _empty_cache_feeds(session, model_path.parent)
     sums = {name: None for name in names}
     count = 0
-    for start in range(0, len(token_ids), window):
-        ids = np.array([token_ids[start : start + window]], np.int64)
-        feeds = {**feeds_template, "input_ids": ids}
-        if "attention_mask" in feeds:
-            feeds["attention_mask"] = np.ones_like(ids)
-        outputs = session.run(names, feeds)
-        for name, x in zip(names, outputs, strict=True):
-            x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
-            sq = np.einsum("ij,ij->j", x, x)
-            sums[name] = sq if sums[name] is None else sums[name] + sq
-        count += ids.shape[1]
+    for sequence in _sequences(token_ids):
+        for start in range(0, len(sequence), window):
+            ids = np.array([sequence[start : start + window]], np.int64)
+            feeds = {**feeds_template, "input_ids": ids}
+            if "attention_mask" in feeds:
+                feeds["attention_mask"] = np.ones_like(ids)
+            outputs = session.run(names, feeds)
+            for name, x in zip(names, outputs, strict=True):
+                x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+                sq = np.einsum("ij,ij->j", x, x)
+                sums[name] = sq if sums[name] is None else sums[name] + sq
+            count += ids.shape[1]
+    if count == 0:
+        raise ValueError("no calibration tokens to run")
     return {name: s / count for name, s in sums.items()}
+
+
+def _sequences(token_ids: Sequence[int] | Sequence[Sequence[int]]) -> Sequence[Sequence[int]]:
+    """One flat sequence (the text path) or several samples."""
+    if len(token_ids) == 0 or isinstance(token_ids[0], (int, np.integer)):
+        return [token_ids]
+    return token_ids
+
+
+def check_calibration_ids(
+    samples: Iterable[Sequence[int]], max_tokens: int, vocab_size: int | None = None
+) -> list[list[int]]:
+    """Validated, pre-tokenized calibration samples as lists of ints, capped at ``max_tokens`` tokens in all.
+
+    Raises ``TypeError`` for anything but a list of integer sequences and ``ValueError`` for ids outside
+    ``[0, vocab_size)`` (an out-of-range id would make onnxruntime's Gather fail deep inside the run) or too few
+    tokens.
+    """
+    if isinstance(samples, (str, bytes, Mapping)) or not isinstance(samples, Iterable):
+        raise TypeError(f"calibration_ids must be a list of token-id sequences, got {type(samples).__name__}")
+    result: list[list[int]] = []
+    total = 0
+    for index, sample in enumerate(samples):
+        row = _as_ids(sample)
+        if row is None:
+            raise TypeError(
+                "calibration_ids must be a list of samples, each a sequence of integer token ids ([ids] for a"
+                f" single one); sample {index} is {_describe(sample)}"
+            )
+        if row.size == 0:
+            continue
+        bad = row[(row < 0) | (row >= vocab_size)] if vocab_size is not None else row[row < 0]
+        if bad.size:
+            bound = f"[0, {vocab_size})" if vocab_size is not None else "the non-negative ids"
+            raise ValueError(f"calibration token id {int(bad[0])} in sample {index} is outside the vocabulary {bound}")
+        row = row[: max_tokens - total]
+        result.append(row.tolist())
+        total += row.size
+        if total >= max_tokens:
+            break
+    if total < 16:
+        raise ValueError(f"calibration_ids give only {total} tokens; give at least 16")
+    return result
+
+
+def _as_ids(sample: object, allow_bool: bool = False) -> np.ndarray | None:
+    """``sample`` as a 1-D int64 array, or None when it is not a sequence of integers (or of bools, for masks)."""
+    if hasattr(sample, "detach"):  # a torch tensor, possibly on a GPU
+        sample = sample.detach().cpu().numpy()
+    if isinstance(sample, (str, bytes, Mapping)) or not isinstance(sample, (Sequence, np.ndarray)):
+        return None
+    try:
+        array = np.asarray(sample)
+    except ValueError:  # ragged nesting
+        return None
+    integral = np.issubdtype(array.dtype, np.integer) or (allow_bool and array.dtype == np.bool_)
+    if array.ndim != 1 or (array.size and not integral):
+        return None
+    return array.astype(np.int64)
+
+
+def token_ids_from_batches(batches: Iterable[object], max_tokens: int) -> list[list[int]]:
+    """Calibration samples from data-loader batches: each sample's ``input_ids`` without its padding.
+
+    A batch is a dict (or ``(inputs, labels)`` with a dict first, Olive's convention) whose ``input_ids`` is a
+    tensor or array of samples x tokens (1-D: one sample) or nested lists of ints; where it has an
+    ``attention_mask`` of the same shape, tokens with mask 0 (padding) are dropped. Reading stops once
+    ``max_tokens`` tokens are collected, so a large dataset is not loaded whole.
+    """
+    samples: list[list[int]] = []
+    total = 0
+    read = 0
+    for index, batch in enumerate(batches):
+        read += 1
+        inputs = batch
+        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Mapping):
+            inputs = batch[0]
+        if not isinstance(inputs, Mapping):
+            raise TypeError(
+                f"calibration batch {index} is a {type(batch).__name__}: expected a dict with input_ids"
+                " (or (inputs, labels) with a dict first)"
+            )
+        if "input_ids" not in inputs:
+            raise ValueError(f"calibration batch {index} has no input_ids (its keys: {sorted(map(str, inputs))})")
+        rows = _batch_rows(inputs["input_ids"], "input_ids", index)
+        mask = inputs.get("attention_mask")
+        masks = None if mask is None else _batch_rows(mask, "attention_mask", index, allow_bool=True)
+        if masks is not None and [m.shape for m in masks] != [r.shape for r in rows]:
+            raise ValueError(f"calibration batch {index}: attention_mask does not have the shape of input_ids")
+        for i, row in enumerate(rows):
+            if masks is not None:
+                row = row[masks[i] != 0]
+            row = row[: max_tokens - total]
+            if row.size:
+                samples.append(row.tolist())
+                total += row.size
+            if total >= max_tokens:
+                return samples
+    if not samples:
+        raise ValueError(f"the calibration data gave no tokens ({read} batches read)")
+    return samples
+
+
+def _batch_rows(value: object, key: str, index: int, allow_bool: bool = False) -> list[np.ndarray]:
+    """A batch field as a list of 1-D integer rows (one per sample)."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, (list, tuple)) and any(hasattr(v, "detach") or isinstance(v, np.ndarray) for v in value):
+        # What torch's default collate makes of a Python list: one tensor per position, not per sample.
+        raise TypeError(
+            f"calibration batch {index}: {key} is a list of tensors; return it from the dataset as a tensor or"
+            " numpy array (torch's default collate turns a list of ints into one tensor per position)"
+        )
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple)) for v in value):
+        rows = [_as_ids(v, allow_bool) for v in value]  # ragged samples are fine as nested lists
+    else:
+        array = np.asarray(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+        if array is not None and array.ndim == 1:
+            array = array[None]
+        rows = list(array) if array is not None and array.ndim == 2 else [None]
+        rows = [_as_ids(r, allow_bool) if r is not None else None for r in rows]
+    if not rows or any(r is None for r in rows):
+        raise TypeError(
+            f"calibration batch {index}: {key} must hold integer token ids as samples x tokens, got {_describe(value)}"
+        )
+    return rows
+
+
+def _describe(value: object) -> str:
+    try:
+        return f"{type(value).__name__} of shape {np.shape(value)} ({np.asarray(value).dtype})"
+    except ValueError:  # ragged
+        return type(value).__name__
+
+
+def model_vocab_size(model: ir.Model, model_dir: Path) -> int | None:
+    """The vocabulary size, to check calibration ids: the ``logits`` output's last dimension when static, else
+    ``genai_config.json``'s ``vocab_size``; None when neither says."""
+    import json
+
+    for value in model.graph.outputs:
+        shape = value.shape
+        if value.name == "logits" and shape is not None and shape.rank() and isinstance(shape[-1], int):
+            return int(shape[-1])
+    try:
+        return int(json.loads((model_dir / "genai_config.json").read_text())["model"]["vocab_size"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
 
 
 def _empty_cache_feeds(session, model_dir: Path) -> dict[str, np.ndarray]:

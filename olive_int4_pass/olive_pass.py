@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Union
 
+from olive.common.config_utils import validate_config
+from olive.data.config import DataConfig
 from olive.hardware.accelerator import AcceleratorSpec
 from olive.model import ONNXModelHandler
 from olive.passes import Pass
 from olive.passes.pass_config import BasePassConfig, PassConfigParam
 
 from olive_int4_pass import __version__
+from olive_int4_pass.calibration import DEFAULT_TEXT, token_ids_from_batches
 from olive_int4_pass.options import EMBEDDING_CHOICES, LM_HEAD_CHOICES, QUALITY_PRESETS, QuantizeOptions
 from olive_int4_pass.quantize import DATA_NAME, MODEL_NAME, quantize_file
 
@@ -24,6 +28,10 @@ class OnnxInt4RtnQuantization(Pass):
     every MatMul with a constant weight (``lm_head`` included), an untied embedding left in float and a tied one
     sharing the lm_head's packed tensor. Graph input and output names are kept. Output: ``model.onnx`` +
     ``model.onnx.data``.
+
+    Calibration (for ``quality``, ``scale_search``, ``mixed_precision_budget``) runs the float model on a text
+    (``calibration``: a file or ``default``) or on the ``input_ids`` of an Olive ``data_config``'s batches (padding
+    dropped where an ``attention_mask`` says so), up to ``calibration_tokens`` tokens.
     """
 
     @classmethod
@@ -107,6 +115,16 @@ class OnnxInt4RtnQuantization(Pass):
                     " needs tokenizer.json and genai_config.json beside it) to weigh input channels."
                 ),
             ),
+            "data_config": PassConfigParam(
+                type_=Union[DataConfig, dict],  # noqa: UP007 - Olive's own passes declare it so
+                default_value=None,
+                description=(
+                    "Olive data config to calibrate on instead of a text: the input_ids of its batches (each sample"
+                    " run as its own sequence; tokens whose attention_mask is 0 are dropped), up to"
+                    " calibration_tokens. Setting it calibrates, as calibration does; the weights change only with"
+                    " quality, scale_search or mixed_precision_budget. Not together with calibration."
+                ),
+            ),
             "calibration_tokens": PassConfigParam(
                 type_=int, default_value=2048, description="At most this many calibration tokens are used."
             ),
@@ -169,19 +187,57 @@ class OnnxInt4RtnQuantization(Pass):
             raise TypeError(f"{type(self).__name__} needs an ONNX model, got {type(model).__name__}")
         if not config.all_tensors_to_one_file:
             raise ValueError("all_tensors_to_one_file=false is not supported: weights go to one external file")
+        if config.data_config is not None and config.calibration is not None:
+            raise ValueError(
+                f"calibration ({config.calibration}) and data_config were both given: calibrate on one of them"
+            )
+        options = _options_from(config)
+        calibration_ids = None
+        if config.data_config is not None:
+            calibration_ids = calibration_ids_from_data_config(config.data_config, options.calibration_tokens)
+            if not (options.scale_search or options.mixed_precision_budget):
+                logger.warning(
+                    "data_config only measures (quantization_report.json's weighted errors): set quality,"
+                    " scale_search or mixed_precision_budget to use it for the weights."
+                )
         output_dir = Path(output_model_path)
         output_dir = output_dir.parent if output_dir.suffix == ".onnx" else output_dir
         model_file = quantize_file(
             model.model_path,
             output_dir,
-            _options_from(config),
+            options,
             model_name=MODEL_NAME,
             external_data_name=config.external_data_name if config.save_as_external_data else None,
             size_threshold=config.size_threshold,
+            calibration_ids=calibration_ids,
         )
         return ONNXModelHandler(
             model_path=str(output_dir), onnx_file_name=model_file.name, model_attributes=model.model_attributes
         )
+
+
+def calibration_ids_from_data_config(data_config: DataConfig | dict, max_tokens: int) -> list[list[int]]:
+    """The calibration samples of an Olive data config: each sample's ``input_ids`` without padding, up to
+    ``max_tokens`` tokens in all (see :func:`olive_int4_pass.calibration.token_ids_from_batches`).
+
+    Any failure is raised as ``ValueError``/``TypeError``, which Olive always re-raises; another error (say, a
+    ``KeyError`` in the user's ``load_dataset``) may be logged as a failed pass while the run goes on.
+    """
+    data_config = validate_config(data_config, DataConfig)
+    try:
+        batches = data_config.to_data_container().create_dataloader()
+        samples = token_ids_from_batches(batches, max_tokens)
+    except (ValueError, TypeError) as e:
+        raise (TypeError if isinstance(e, TypeError) else ValueError)(f"data_config {data_config.name!r}: {e}") from e
+    except Exception as e:
+        raise ValueError(f"data_config {data_config.name!r}: reading the calibration data failed: {e!r}") from e
+    logger.info(
+        "Calibration data from data_config %r: %d samples, %d tokens.",
+        data_config.name,
+        len(samples),
+        sum(map(len, samples)),
+    )
+    return samples
 
 
 def _options_from(config: type[BasePassConfig]) -> QuantizeOptions:
@@ -197,7 +253,8 @@ def _options_from(config: type[BasePassConfig]) -> QuantizeOptions:
         tied_embeddings=config.tied_embeddings,
         embedding=config.embedding,
         quality=config.quality,
-        calibration=config.calibration,
+        # A data_config is the calibration source: "default" stands for it (the ids replace the built-in text).
+        calibration=DEFAULT_TEXT if config.data_config is not None else config.calibration,
         calibration_tokens=config.calibration_tokens,
         scale_search=config.scale_search,
         mixed_precision_budget=config.mixed_precision_budget,

@@ -109,59 +109,72 @@ class QualityPlan:
         opts = self.options
         return search_scales(weight, importance, block_size=opts.block_size, bits=bits, symmetric=opts.is_symmetric)
 
-    def choose_bits(self, candidates: dict[WeightKey, Candidate], default_bits: int) -> None:
-        """Measure each candidate at ``default_bits`` and move the costliest-per-byte ones to 8 bits."""
-        budget = self.options.mixed_precision_budget
+    def choose_bits(self, candidates: dict[WeightKey, Candidate], default_bits: int, fixed_bytes: int = 0) -> None:
+        """Measure each candidate at ``default_bits`` and move the costliest-per-byte ones to 8 bits.
+
+        ``fixed_bytes``: the model's other weights (float embedding, norms, biases), which the budget counts too:
+        a budget of 0.03 lets the whole model grow by 3 %.
+        """
+        opts = self.options
         sensitivity: dict[WeightKey, float] = {}
         for key, cand in candidates.items():
             importance = self.importance.get(cand.activation) if cand.activation else None
-            if self.options.scale_search:
+            if opts.scale_search:
                 result = self._search(cand.weight(), importance, default_bits)
+                self.searched[(key, default_bits)] = result
+                error = result.weighted_error
             else:  # the RTN error only
                 result = search_scales(
                     cand.weight(),
                     importance,
-                    block_size=self.options.block_size,
+                    block_size=opts.block_size,
                     grid=(1.0,),
+                    refit_steps=0,
                     bits=default_bits,
-                    symmetric=self.options.is_symmetric,
+                    symmetric=opts.is_symmetric,
                 )
-            if self.options.scale_search:
-                self.searched[(key, default_bits)] = result
-            error = result.weighted_error if self.options.scale_search else result.rtn_weighted_error
+                error = result.rtn_weighted_error
             sensitivity[key] = error / max(result.weighted_energy, 1e-30)
-        sizes = {
-            key: _quantized_bytes(c.k, c.n, self.options.block_size, default_bits) for key, c in candidates.items()
-        }
-        upgraded = choose_upgrades(sensitivity, sizes, budget, default_bits)
+
+        def size(c: Candidate, bits: int) -> int:
+            return quantized_bytes(c.k, c.n, opts.block_size, bits, c.source.dtype.itemsize, opts.is_symmetric)
+
+        sizes = {key: size(c, default_bits) for key, c in candidates.items()}
+        extra = {key: size(c, 8) - sizes[key] for key, c in candidates.items()}
+        upgraded = choose_upgrades(sensitivity, sizes, opts.mixed_precision_budget, extra, fixed_bytes)
         for key in upgraded:
             self.bits[key] = 8
         if upgraded:
             names = ", ".join(sorted(candidates[k].name for k in upgraded))
-            extra = sum(sizes[k] for k in upgraded) * (8 / default_bits - 1)
-            logger.info("Mixed precision: %d weights at 8 bits (+%.1f MB): %s", len(upgraded), extra / 1e6, names)
+            added = sum(extra[k] for k in upgraded)
+            logger.info("Mixed precision: %d weights at 8 bits (+%.1f MB): %s", len(upgraded), added / 1e6, names)
 
 
-def choose_upgrades(sensitivity: dict, sizes: dict, budget: float | None, default_bits: int = 4) -> list:
+def choose_upgrades(
+    sensitivity: dict, sizes: dict, budget: float | None, extra: dict | None = None, fixed_bytes: int = 0
+) -> list:
     """Greedy knapsack: highest relative error per extra byte first, while the extra bytes fit the budget.
 
-    ``budget`` is the allowed growth of the quantized weights' total size (0.15 = 15 % more bytes).
+    ``sizes``: each tensor's quantized bytes; ``extra``: what 8 bits add to it (default: as many bytes again);
+    ``budget``: the allowed growth of the model, whose bytes are ``sizes`` plus ``fixed_bytes`` (0.15 = 15 %).
     """
-    if not budget or default_bits >= 8:
+    if not budget:
         return []
-    extra = {k: sizes[k] * (8 / default_bits - 1) for k in sizes}
-    allowance = budget * sum(sizes.values())
+    extra = extra if extra is not None else dict(sizes)
+    allowance = budget * (sum(sizes.values()) + fixed_bytes)
     chosen, spent = [], 0.0
     for key in sorted(sensitivity, key=lambda k: sensitivity[k] / max(extra[k], 1), reverse=True):
-        if spent + extra[key] <= allowance:
+        if extra[key] > 0 and spent + extra[key] <= allowance:
             chosen.append(key)
             spent += extra[key]
     return chosen
 
 
-def _quantized_bytes(k: int, n: int, block_size: int, bits: int) -> int:
+def quantized_bytes(k: int, n: int, block_size: int, bits: int, scale_itemsize: int, symmetric: bool = True) -> int:
+    """Bytes of a MatMulNBits weight: packed levels, scales and (asymmetric) packed zero points."""
     n_blocks = -(-k // block_size)
-    return n * n_blocks * (block_size * bits // 8 + 2)
+    zero_points = 0 if symmetric else n * (-(-n_blocks * bits // 8))
+    return n * n_blocks * (block_size * bits // 8 + scale_itemsize) + zero_points
 
 
 def _sample_columns(n: int) -> np.ndarray:

@@ -12,11 +12,13 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx_ir as ir
 from onnxscript.rewriter._basics import MatchingTracer
 
+from olive_int4_pass.calibration import DEFAULT_TEXT
 from olive_int4_pass.embedding_rules import embedding_rules
 from olive_int4_pass.options import QuantizeOptions
 from olive_int4_pass.rewrite_rules import MS_DOMAIN, QuantizationState, quantization_rules
@@ -64,16 +66,29 @@ class QuantizationReport:
         return len(self.quantized)
 
 
-def quantize_model(model: ir.Model, options: QuantizeOptions, model_path: Path | None = None) -> QuantizationReport:
+def quantize_model(
+    model: ir.Model,
+    options: QuantizeOptions,
+    model_path: Path | None = None,
+    *,
+    calibration_ids: Sequence[Sequence[int]] | None = None,
+) -> QuantizationReport:
     """Rewrite ``model`` in place. Packed weights are lazy: they are computed when the model is saved.
 
     Calibrated options run the float model from ``model_path`` (its tokenizer.json and genai_config.json beside it).
+    ``calibration_ids``: pre-tokenized calibration samples (one token-id sequence each, run separately) used
+    instead of the calibration text; giving them calibrates. ``options.calibration`` must then be unset or
+    ``"default"`` (which a quality preset implies), never a text file.
     """
     state = QuantizationState(options, model.graph)
-    if options.calibrated:
+    if calibration_ids is not None and options.calibration not in (None, DEFAULT_TEXT):
+        raise ValueError(
+            f"calibration_ids and a calibration text ({options.calibration}) were both given: use one of them"
+        )
+    if options.calibrated or calibration_ids is not None:
         if model_path is None:
             raise ValueError("calibrated quantization needs the model's file path")
-        _prepare_quality_plan(state, model, model_path)
+        _prepare_quality_plan(state, model, model_path, calibration_ids)
     # Embeddings last: a tied table shares the tensor its lm_head MatMul got.
     for rule_set in [*quantization_rules(state), embedding_rules(state)]:
         rule_set.apply_to_model(model)
@@ -117,19 +132,21 @@ def quantize_file(
     external_data_name: str | None = DATA_NAME,
     size_threshold: int = 1024,
     progress: bool | None = None,
+    calibration_ids: Sequence[Sequence[int]] | None = None,
 ) -> Path:
     """Quantize the ONNX model at ``input_path`` into ``output_dir/model_name`` (+ external data).
 
     The output appears only when complete: it is written to a temporary folder next to ``output_dir`` and moved
     into place at the end. The input is never modified. ``external_data_name=None`` writes a single file when
     the model fits protobuf's 2 GB limit. ``progress=None`` shows a progress bar only on a terminal.
+    ``calibration_ids``: pre-tokenized calibration samples instead of a text (see :func:`quantize_model`).
     """
     options = options or QuantizeOptions()
     input_path = _resolve_input(Path(input_path))
     output_dir = Path(output_dir)
     _refuse_overwriting_input(input_path, output_dir, model_name, external_data_name)
     model = load_checked(input_path)
-    report = quantize_model(model, options, input_path)
+    report = quantize_model(model, options, input_path, calibration_ids=calibration_ids)
     if report.num_quantized == 0:
         logger.warning("No MatMul in %s could be quantized; writing the model unchanged.", input_path)
 
@@ -299,10 +316,24 @@ class _progress_bar:
         self._bar.close()
 
 
-def _prepare_quality_plan(state: QuantizationState, model: ir.Model, model_path: Path) -> None:
+def _prepare_quality_plan(
+    state: QuantizationState,
+    model: ir.Model,
+    model_path: Path,
+    calibration_ids: Sequence[Sequence[int]] | None = None,
+) -> None:
     """Dry-run the rules to list candidates, calibrate on their inputs, then pick 8-bit tensors if asked."""
-    from olive_int4_pass.calibration import input_second_moments, load_calibration_text, tokenize
+    from olive_int4_pass.calibration import (
+        check_calibration_ids,
+        input_second_moments,
+        load_calibration_text,
+        model_vocab_size,
+        tokenize,
+    )
 
+    if calibration_ids is not None:  # checked before the dry run: bad input fails fast
+        vocab_size = model_vocab_size(model, model_path.parent)
+        calibration_ids = check_calibration_ids(calibration_ids, state.options.calibration_tokens, vocab_size)
     tracer = MatchingTracer()  # with a tracer the rules only match: nothing is rewritten
     for rule_set in quantization_rules(state):
         rule_set.apply_to_model(model, tracer=tracer)
@@ -312,17 +343,28 @@ def _prepare_quality_plan(state: QuantizationState, model: ir.Model, model_path:
     if not activations:
         return
     start = time.perf_counter()
-    token_ids = tokenize(load_calibration_text(opts.calibration), model_path.parent, opts.calibration_tokens)
+    if calibration_ids is not None:
+        token_ids = calibration_ids
+        num_tokens = sum(map(len, calibration_ids))
+    else:
+        token_ids = tokenize(load_calibration_text(opts.calibration), model_path.parent, opts.calibration_tokens)
+        num_tokens = len(token_ids)
     state.quality.importance = input_second_moments(model_path, activations, token_ids)
     state.calibration_seconds = time.perf_counter() - start
     logger.info(
         "Calibrated %d MatMul inputs on %d tokens in %.1f s.",
         len(activations),
-        len(token_ids),
+        num_tokens,
         state.calibration_seconds,
     )
-    if opts.mixed_precision_budget:
-        state.quality.choose_bits(state.candidates, opts.bits)
+    if opts.mixed_precision_budget and opts.bits < 8:
+        chosen = {c.name for c in state.candidates.values()}
+        fixed = sum(  # what the model stores besides the quantized weights: the budget is on the whole model
+            v.const_value.nbytes
+            for v in model.graph.initializers.values()
+            if v.const_value is not None and v.name not in chosen
+        )
+        state.quality.choose_bits(state.candidates, opts.bits, fixed)
 
 
 def _log_worst(report: QuantizationReport, count: int = 5) -> None:

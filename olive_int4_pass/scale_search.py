@@ -1,11 +1,21 @@
 """Importance-weighted scale (and clip) search per block, still rounding to nearest in the MatMulNBits format.
 
-For each block the round-to-nearest range is shrunk by factors in ``SHRINK_GRID`` and the candidate whose
-dequantized block minimises ``sum_k imp_k * (w_k - deq_k)^2`` wins; ``imp_k = E[x_k^2]`` of the MatMul's input
-channel k (llama.cpp's importance matrix, AWQ's observation: channels with large activations matter most). Plain
-weight MSE (``importance=None``) is allowed but measured to be no better than RTN. Candidates are rounded to the
-scale dtype before they are scored, exactly as they will be stored; the winner is then quantized by
-:func:`quantize_blockwise` with ``scales=``, so the bytes follow the same kernel as everything else.
+Per block, the candidate scale whose dequantized block minimises ``sum_k imp_k * (w_k - deq_k)^2`` wins;
+``imp_k = E[x_k^2]`` of the MatMul's input channel k (llama.cpp's importance matrix, AWQ's observation: channels
+with large activations matter most). Candidates:
+
+- the round-to-nearest range shrunk by each factor of ``SHRINK_GRID`` (clipping the extremes);
+- symmetric only: the same with the sign flipped, the block's extreme on the short side of the signed range
+  (``+7`` instead of ``-8`` at 4 bits: a coarser step, but the other side reaches ``-8``);
+- the winner refitted ``REFIT_STEPS`` times: the least-squares scale (asymmetric: scale and offset, the zero
+  point rounded) for the levels it rounds to, then rounded to nearest again with it.
+
+Measured on a real 1.5B model's MatMuls (importance-weighted error relative to RTN, geometric mean over 25):
+shrink only 0.82, + sign flip 0.75, + refit 0.73; asymmetric: RTN 0.88, shrink 0.68, + refit 0.64. Plain weight
+MSE (``importance=None``) is allowed but measured to be no better than RTN in perplexity. Candidates are rounded
+to the scale dtype before they are scored, exactly as they will be stored, and scored with the levels the MLAS
+kernel picks for them; the winner is then quantized by :func:`quantize_blockwise` with ``scales=``, so the
+bytes follow the same kernel as everything else.
 """
 
 from __future__ import annotations
@@ -19,7 +29,10 @@ import numpy as np
 from olive_int4_pass.block_quant import dequantize_blocks, round_to_grid, rtn_params, to_blocks
 
 SHRINK_GRID = tuple(np.round(np.arange(0.70, 1.0001, 0.025), 3))
-_CHUNK_ELEMENTS = 1 << 22
+REFIT_STEPS = 2
+# Weights per work item: small enough that the float32 temporaries are recycled by the allocator instead of being
+# fresh mmap'd pages (with 4M-element items, page faults made half of the search's CPU time system time).
+_CHUNK_ELEMENTS = 1 << 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +52,12 @@ def search_scales(
     bits: int = 4,
     symmetric: bool = True,
     grid: tuple[float, ...] = SHRINK_GRID,
+    refit_steps: int = REFIT_STEPS,
 ) -> SearchResult:
-    """Best per-block scales for ``weight[K, N]`` under the activation importance ``importance[K]``."""
+    """Best per-block scales for ``weight[K, N]`` under the activation importance ``importance[K]``.
+
+    ``grid=(1.0,), refit_steps=0`` measures plain round to nearest.
+    """
     k, n = weight.shape
     n_blocks = -(-k // block_size)
     imp = np.ones(k, np.float32) if importance is None else np.asarray(importance, np.float32)
@@ -52,6 +69,10 @@ def search_scales(
     scales = np.empty((n, n_blocks), weight.dtype)
     zps = None if symmetric else np.empty((n, n_blocks), np.uint8)
     rows = max(1, _CHUNK_ELEMENTS // (n_blocks * block_size))
+    shrinks = [g for g in grid if g != 1.0]
+    if symmetric and tuple(grid) != (1.0,):  # the extreme -> +(2**(bits-1) - 1) instead of -2**(bits-1)
+        half = 1 << (bits - 1)
+        shrinks += [-g * half / (half - 1) for g in grid]
 
     def work(n0: int) -> np.ndarray:
         blocks = to_blocks(weight[:, n0 : n0 + rows], block_size, n_blocks)
@@ -62,16 +83,20 @@ def search_scales(
 
         best_s, best_zp = rtn_params(blocks, bits, symmetric, weight.dtype)
         best_err = rtn_err = error(best_s, best_zp)
-        for shrink in grid:
-            if shrink == 1.0:
-                continue
-            s, zp = rtn_params(blocks, bits, symmetric, weight.dtype, shrink=shrink)
+
+        def consider(s, zp) -> None:
+            nonlocal best_err, best_s, best_zp
             err = error(s, zp)
             better = err < best_err
             best_err = np.where(better, err, best_err)
             best_s = np.where(better, s, best_s)
             if zp is not None:
                 best_zp = np.where(better, zp, best_zp)
+
+        for shrink in shrinks:
+            consider(*rtn_params(blocks, bits, symmetric, weight.dtype, shrink=shrink))
+        for _ in range(refit_steps):
+            consider(*_refit(blocks, imp_blocks, best_s, best_zp, bits))
         scales[n0 : n0 + rows] = best_s
         if zps is not None:
             zps[n0 : n0 + rows] = best_zp
@@ -82,3 +107,27 @@ def search_scales(
     with ThreadPoolExecutor(max_workers=max(1, min(len(starts), os.cpu_count() or 1))) as pool:
         totals = sum(pool.map(work, starts))
     return SearchResult(scales, zps, *map(float, totals))
+
+
+def _refit(blocks: np.ndarray, imp: np.ndarray, scales: np.ndarray, zps: np.ndarray | None, bits: int):
+    """Least-squares (importance-weighted) scale, and offset when asymmetric, for the levels ``scales`` round to."""
+    q = round_to_grid(blocks, scales, zps, bits).astype(np.float32)
+    s_old = scales.astype(np.float32)
+    if zps is None:
+        c = q - np.float32(1 << (bits - 1))
+        num = np.einsum("nbk,bk->nb", blocks * c, imp)
+        den = np.einsum("nbk,bk->nb", c * c, imp)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fitted = np.where(den > 0, num / den, s_old)
+        return fitted.astype(scales.dtype), None
+    # w ~ s * q + m: the weighted normal equations of each block, then the zero point -m / s rounded into range.
+    sw = imp.sum(-1)
+    sq, sqq = np.einsum("nbk,bk->nb", q, imp), np.einsum("nbk,bk->nb", q * q, imp)
+    sx, sqx = np.einsum("nbk,bk->nb", blocks, imp), np.einsum("nbk,bk->nb", blocks * q, imp)
+    det = sw * sqq - sq * sq
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        s = np.where(det > 0, (sw * sqx - sq * sx) / det, s_old)
+        m = np.where(det > 0, (sx - s * sq) / sw, -s_old * zps)
+        zp = np.clip(np.round(-m / s), 0, (1 << bits) - 1)
+    ok = np.isfinite(s) & (s > 0) & np.isfinite(zp)
+    return np.where(ok, s, s_old).astype(scales.dtype), np.where(ok, zp, zps).astype(np.uint8)

@@ -13,7 +13,7 @@ from test_tied_embeddings import decoder_feeds
 from olive_int4_pass.block_quant import dequantize_blockwise, quantize_blockwise
 from olive_int4_pass.calibration import input_second_moments, tokenize
 from olive_int4_pass.options import QuantizeOptions
-from olive_int4_pass.quality import choose_upgrades
+from olive_int4_pass.quality import choose_upgrades, quantized_bytes
 from olive_int4_pass.quantize import quantize_file
 from olive_int4_pass.scale_search import search_scales
 
@@ -41,8 +41,13 @@ def test_scale_search_lowers_the_importance_weighted_error():
         ]
         assert out_err[0] < out_err[1]  # the real objective: the MatMul's output error
         # Without candidates the search is round to nearest, byte for byte.
-        plain = search_scales(w, importance, symmetric=symmetric, grid=(1.0,))
+        plain = search_scales(w, importance, symmetric=symmetric, grid=(1.0,), refit_steps=0)
         np.testing.assert_array_equal(plain.scales, rtn.scales)
+        # Each stage keeps the best so far: the refit never loses, and here it wins.
+        no_refit = search_scales(w, importance, symmetric=symmetric, refit_steps=0)
+        assert result.weighted_error < no_refit.weighted_error
+        if symmetric:  # some blocks take the flipped sign: the extreme lands on +7 instead of -8
+            assert np.any(np.sign(result.scales) != np.sign(rtn.scales))
 
 
 def test_choose_upgrades_respects_the_budget_and_prefers_error_per_byte():
@@ -52,6 +57,20 @@ def test_choose_upgrades_respects_the_budget_and_prefers_error_per_byte():
     assert choose_upgrades(sensitivity, sizes, 0.10) == ["small_noisy"]
     assert choose_upgrades(sensitivity, sizes, 1.0) == ["small_noisy", "big_noisy", "quiet"]
     assert choose_upgrades(sensitivity, sizes, None) == [] and choose_upgrades(sensitivity, sizes, 0.0) == []
+    # The budget is on the whole model: 10 % of 1200 + 9800 float bytes pays for the big one too.
+    assert choose_upgrades(sensitivity, sizes, 0.10, fixed_bytes=9800) == ["small_noisy", "big_noisy"]
+    # Explicit extra bytes (scales do not double): 0.12 * 1200 = 144 pays for +60 and +80, not +800.
+    extra = {"small_noisy": 60, "big_noisy": 800, "quiet": 80}
+    assert choose_upgrades(sensitivity, sizes, 0.12, extra) == ["small_noisy", "quiet"]
+
+
+def test_quantized_bytes_match_what_the_pass_writes():
+    k, n = 96, 40
+    w = np.random.default_rng(1).standard_normal((k, n)).astype(np.float32)
+    for bits, symmetric in ((4, True), (4, False), (8, True), (8, False)):
+        q = quantize_blockwise(w, bits=bits, symmetric=symmetric)
+        written = q.packed.nbytes + q.scales.nbytes + (0 if q.zero_points is None else q.zero_points.nbytes)
+        assert quantized_bytes(k, n, 32, bits, 4, symmetric) == written
 
 
 def test_options_are_validated():
