@@ -83,14 +83,16 @@ def plot(path: str | os.PathLike, results: Sequence[VariantResult], title: str =
     import matplotlib.pyplot as plt
 
     names = [r.name for r in results]
-    colors = [f"C{i}" for i in range(len(results))]
+    palette = [c for c in plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2]]
+    palette = [c for c in palette if len(set(c)) > 1]  # the greys belong to the prefill bars
+    colors = [palette[i % len(palette)] for i in range(len(results))]
     x = range(len(results))
-    fig, ((ax_size, ax_speed), (ax_kl, ax_ppl)) = plt.subplots(2, 2, figsize=(11, 8))
+    fig, ((ax_size, ax_speed), (ax_kl, ax_ppl)) = plt.subplots(2, 2, figsize=(12, 8.5))
 
-    sizes_mb = [r.size_bytes / 1e6 for r in results]
-    ax_size.bar(x, sizes_mb, color=colors)
-    ax_size.set_title("size on disk (MB)")
-    _label_bars(ax_size, sizes_mb, "{:.3g}".format)
+    sizes_gb = [r.size_bytes / 1e9 for r in results]
+    ax_size.bar(x, sizes_gb, color=colors)
+    ax_size.set_title("size on disk (GB)")
+    _label_bars(ax_size, sizes_gb, "{:.2f}".format)
 
     if all(r.decode_tokens_per_s is not None for r in results):
         width = 0.4
@@ -109,14 +111,21 @@ def plot(path: str | os.PathLike, results: Sequence[VariantResult], title: str =
     ax_kl.set_title("KL vs reference (nats/token); labels: top-1 agreement")
     _label_bars(ax_kl, kl, None, texts=[f"{r.top1_agreement:.1%}" for r in results])
 
-    for i, r in enumerate(results):
-        ax_ppl.scatter(r.size_bytes / 1e6, r.perplexity, color=colors[i], s=50)
-        ax_ppl.annotate(r.name, (r.size_bytes / 1e6, r.perplexity), textcoords="offset points", xytext=(5, 5))
-    ax_ppl.set_xlabel("size on disk (MB)")
+    # Close points (variants of one size) get their labels on alternating sides, in order of perplexity.
+    by_ppl = sorted(range(len(results)), key=lambda i: results[i].perplexity)
+    for rank, i in enumerate(by_ppl):
+        r = results[i]
+        ax_ppl.scatter(r.size_bytes / 1e9, r.perplexity, color=colors[i], s=50)
+        offset, align = ((6, -3), "left") if rank % 2 == 0 else ((-6, -3), "right")
+        ax_ppl.annotate(
+            r.name, (r.size_bytes / 1e9, r.perplexity), textcoords="offset points", xytext=offset, ha=align, fontsize=8
+        )
+    ax_ppl.set_xlabel("size on disk (GB)")
     ax_ppl.set_title("perplexity vs size (lower left is better)")
+    ax_ppl.margins(x=0.3)
 
     for ax in (ax_size, ax_speed, ax_kl):
-        ax.set_xticks(list(x), names, rotation=20)
+        ax.set_xticks(list(x), names, rotation=25, ha="right", fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
