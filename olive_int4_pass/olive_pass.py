@@ -103,8 +103,9 @@ class OnnxInt4RtnQuantization(Pass):
                 default_value=None,
                 description=(
                     f"Opt-in quality preset, one of {sorted(QUALITY_PRESETS)}: 'balanced' = calibrated,"
-                    " importance-weighted scale search, up to +3 % weight bytes at 8 bits; 'max' = the same with up to"
-                    " +15 %. Unset (default): plain RTN, byte-identical to the reference."
+                    " importance-weighted scale search, 8-bit tensors where they cost the most, the model at most +3 %"
+                    " bytes; 'max' = the same with the lm_head at 8 bits and at most +15 %. Unset (default): plain RTN,"
+                    " byte-identical to the reference."
                 ),
             ),
             "calibration": PassConfigParam(

@@ -34,6 +34,7 @@ class Candidate:
     transposed: bool
     activation: str | None
     nodes: list[str] = dataclasses.field(default_factory=list)
+    min_bits: int = 0  # what the options already impose (lm_head: int8), whatever the budget picks
 
     def weight(self) -> np.ndarray:
         source = self.source
@@ -141,7 +142,17 @@ class QualityPlan:
 
         sizes = {key: size(c, default_bits) for key, c in candidates.items()}
         extra = {key: size(c, 8) - sizes[key] for key, c in candidates.items()}
-        upgraded = choose_upgrades(sensitivity, sizes, opts.mixed_precision_budget, extra, fixed_bytes)
+        # Tensors already at 8 bits (lm_head: int8) are paid for out of the budget first.
+        imposed = {key for key, c in candidates.items() if c.min_bits >= 8}
+        prepaid = sum(extra[key] for key in imposed)
+        upgraded = choose_upgrades(
+            {k: v for k, v in sensitivity.items() if k not in imposed},
+            sizes,
+            opts.mixed_precision_budget,
+            extra,
+            fixed_bytes,
+            prepaid=prepaid,
+        )
         for key in upgraded:
             self.bits[key] = 8
         if upgraded:
@@ -151,18 +162,25 @@ class QualityPlan:
 
 
 def choose_upgrades(
-    sensitivity: dict, sizes: dict, budget: float | None, extra: dict | None = None, fixed_bytes: int = 0
+    sensitivity: dict,
+    sizes: dict,
+    budget: float | None,
+    extra: dict | None = None,
+    fixed_bytes: int = 0,
+    *,
+    prepaid: float = 0.0,
 ) -> list:
     """Greedy knapsack: highest relative error per extra byte first, while the extra bytes fit the budget.
 
     ``sizes``: each tensor's quantized bytes; ``extra``: what 8 bits add to it (default: as many bytes again);
-    ``budget``: the allowed growth of the model, whose bytes are ``sizes`` plus ``fixed_bytes`` (0.15 = 15 %).
+    ``budget``: the allowed growth of the model, whose bytes are ``sizes`` plus ``fixed_bytes`` (0.15 = 15 %);
+    ``prepaid``: growth already spent (tensors the options put at 8 bits).
     """
     if not budget:
         return []
     extra = extra if extra is not None else dict(sizes)
     allowance = budget * (sum(sizes.values()) + fixed_bytes)
-    chosen, spent = [], 0.0
+    chosen, spent = [], float(prepaid)
     for key in sorted(sensitivity, key=lambda k: sensitivity[k] / max(extra[k], 1), reverse=True):
         if extra[key] > 0 and spent + extra[key] <= allowance:
             chosen.append(key)

@@ -104,6 +104,7 @@ class QuantizationState:
         candidate = self.candidates.setdefault(key, Candidate(w.name, w.const_value, transposed, x.name))
         if node.name not in candidate.nodes:
             candidate.nodes.append(node.name)
+        candidate.min_bits = max(candidate.min_bits, bits)
         return max(bits, self.quality.bits.get(key, bits))
 
     def plan_embedding(self, node: ir.Node, table: ir.Value, tied: bool) -> MatchResult | int:

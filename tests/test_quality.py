@@ -62,6 +62,8 @@ def test_choose_upgrades_respects_the_budget_and_prefers_error_per_byte():
     # Explicit extra bytes (scales do not double): 0.12 * 1200 = 144 pays for +60 and +80, not +800.
     extra = {"small_noisy": 60, "big_noisy": 800, "quiet": 80}
     assert choose_upgrades(sensitivity, sizes, 0.12, extra) == ["small_noisy", "quiet"]
+    # Growth already spent (an lm_head the options put at 8 bits) comes off the allowance first.
+    assert choose_upgrades(sensitivity, sizes, 0.12, extra, prepaid=80) == ["small_noisy"]
 
 
 def test_quantized_bytes_match_what_the_pass_writes():
@@ -82,6 +84,8 @@ def test_options_are_validated():
         QuantizeOptions(calibration="default", mixed_precision_budget=-1)
     preset = QuantizeOptions(quality="max")
     assert preset.scale_search and preset.mixed_precision_budget == 0.15 and preset.calibration == "default"
+    assert preset.lm_head == "int8" and QuantizeOptions(quality="balanced").lm_head == "quantize"
+    assert QuantizeOptions(quality="max", lm_head="float").lm_head == "float"
     assert QuantizeOptions(quality="max", mixed_precision_budget=0.05).mixed_precision_budget == 0.05
 
 
