@@ -251,8 +251,9 @@ def model_vocab_size(model: ir.Model, model_dir: Path) -> int | None:
         return None
 
 
-def _empty_cache_feeds(session, model_dir: Path) -> dict[str, np.ndarray]:
-    inputs = {i.name: i for i in session.get_inputs()}
+def _empty_cache_feeds(session, model_dir: Path, fed_elsewhere: Iterable[str] = ()) -> dict[str, np.ndarray]:
+    skip = set(fed_elsewhere)
+    inputs = {i.name: i for i in session.get_inputs() if i.name not in skip}
     if "input_ids" not in inputs:
         raise ValueError(
             "calibration runs decoders with an input_ids input (onnxruntime-genai builder layout); "

@@ -6,7 +6,13 @@ import argparse
 import logging
 import sys
 
-from olive_int4_pass.options import EMBEDDING_CHOICES, LM_HEAD_CHOICES, QUALITY_PRESETS, QuantizeOptions
+from olive_int4_pass.options import (
+    EMBEDDING_CHOICES,
+    LM_HEAD_CHOICES,
+    QUALITY_PRESETS,
+    SENSITIVITY_CHOICES,
+    QuantizeOptions,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration", default=None, help="calibration text file, or 'default' (built-in passage)")
     q.add_argument("--scale-search", action="store_true", default=None, help="importance-weighted scale search")
     q.add_argument("--mixed-precision-budget", type=float, default=None, help="8-bit budget, e.g. 0.15 = +15%%")
+    q.add_argument(
+        "--sensitivity",
+        choices=SENSITIVITY_CHOICES,
+        default="error",
+        help="rank weights for 8 bits by relative error, or by each layer's KL measured on the float model",
+    )
     q.add_argument("--single-file", action="store_true", help="no external data file (models under 1 GB)")
     q.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     _add_compare_parser(commands)
@@ -117,6 +129,7 @@ def _quantize(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         scale_search=args.scale_search,
         mixed_precision_budget=args.mixed_precision_budget,
+        sensitivity=args.sensitivity,
     )
     path = quantize_file(
         args.input,

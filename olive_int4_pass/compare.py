@@ -24,6 +24,7 @@ from olive_int4_pass.compare_variants import (
     default_reference,
     size_on_disk,
 )
+from olive_int4_pass.quality_metrics import perplexity_change
 
 DEFAULT_TEXT = "default passage (olive_int4_pass/data/default_passage.txt)"
 
@@ -129,7 +130,7 @@ def compare(
         for v in tqdm(built, desc="speed", unit="variant", disable=_disable(progress)):
             speeds[v.name] = measure_speed(v.package_dir, prompt, settings.decode_tokens, settings.runs)
 
-    results = [_result(v, v is ref, scores[v.name], speeds.get(v.name)) for v in built]
+    results = [_result(v, v is ref, scores[v.name], speeds.get(v.name), scores[ref.name]) for v in built]
     meta = _meta(model, ref, text_name, windows, window, n_scored, settings, len(prompt))
     md = output_dir / "report.md"
     md.write_text(markdown(results, meta), encoding="utf-8")
@@ -158,7 +159,8 @@ def load_text(text_file: str | os.PathLike | None) -> tuple[str, str]:
         raise ValueError(f"cannot read the text file {path}: {e}") from e
 
 
-def _result(variant: Variant, is_ref: bool, totals, speed) -> VariantResult:
+def _result(variant: Variant, is_ref: bool, totals, speed, ref_totals) -> VariantResult:
+    change, two_se = perplexity_change(totals.nll, ref_totals.nll)
     return VariantResult(
         name=variant.name,
         origin=variant.origin,
@@ -171,6 +173,8 @@ def _result(variant: Variant, is_ref: bool, totals, speed) -> VariantResult:
         peak_rss_bytes=speed.peak_rss_bytes if speed else None,
         prefill_tokens_per_s=speed.prefill_tokens_per_s if speed else None,
         decode_tokens_per_s=speed.decode_tokens_per_s if speed else None,
+        perplexity_change=change,
+        perplexity_change_2se=two_se,
     )
 
 

@@ -26,6 +26,8 @@ class VariantResult:
     peak_rss_bytes: int | None = None
     prefill_tokens_per_s: float | None = None
     decode_tokens_per_s: float | None = None
+    perplexity_change: float | None = None  # vs the reference, on the same positions
+    perplexity_change_2se: float | None = None
 
 
 COLUMNS = {
@@ -36,6 +38,8 @@ COLUMNS = {
     "prefill tok/s": "prompt tokens per second of the first forward pass (median of the runs)",
     "decode tok/s": "new tokens per second after the prompt, greedy (median of the runs)",
     "perplexity": "exp(mean next-token NLL) over all windows; lower is better",
+    "ppl vs ref": "perplexity / the reference's − 1, ± two standard errors of the paired per-token NLL difference"
+    " (in 128-token chunks): a gap between two variants well inside their ± is one this text cannot settle",
     "ppl min–max": "perplexity of the best and worst single window: how much a short text moves it",
     "KL vs ref": "mean KL(p_ref || p_variant) of next-token distributions, nats per token; 0 = identical",
     "top-1 vs ref": "fraction of positions where the variant's most likely next token is the reference's",
@@ -58,6 +62,7 @@ def markdown(results: Sequence[VariantResult], meta: Mapping[str, Any]) -> str:
             _rate(r.prefill_tokens_per_s),
             _rate(r.decode_tokens_per_s),
             f"{r.perplexity:.3f}",
+            _change(r.perplexity_change, r.perplexity_change_2se),
             window_ppl,
             _kl(r.kl_divergence),
             f"{r.top1_agreement:.2%}",
@@ -66,6 +71,13 @@ def markdown(results: Sequence[VariantResult], meta: Mapping[str, Any]) -> str:
     lines += ["", "Columns:", ""] + [f"- **{name}**: {meaning}" for name, meaning in COLUMNS.items()]
     lines += ["", "Variants:", ""] + [f"- **{r.name}**: {r.origin}" for r in results]
     return "\n".join(lines) + "\n"
+
+
+def _change(change: float | None, two_se: float | None) -> str:
+    if change is None:
+        return "–"
+    spread = "" if two_se is None or math.isnan(two_se) else f" ± {two_se:.2%}"
+    return f"{change:+.2%}{spread}"
 
 
 def write_json(path: str | os.PathLike, results: Sequence[VariantResult], meta: Mapping[str, Any]) -> Path:

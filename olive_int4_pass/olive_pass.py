@@ -142,6 +142,20 @@ class OnnxInt4RtnQuantization(Pass):
                     " largest measured error per byte at 8 bits."
                 ),
             ),
+            "sensitivity": PassConfigParam(
+                type_=str,
+                default_value="error",
+                description=(
+                    "How mixed precision ranks the weights: 'error' = each weight's importance-weighted relative"
+                    " error; 'measured' = each transformer layer's KL at the logits when its weights are quantized,"
+                    " measured on the float model (one onnxruntime run per layer), shared by relative error."
+                ),
+            ),
+            "sensitivity_tokens": PassConfigParam(
+                type_=int,
+                default_value=256,
+                description="Calibration tokens each 'measured' sensitivity run uses (the first ones).",
+            ),
             "fuse_bias": PassConfigParam(
                 type_=bool,
                 default_value=False,
@@ -259,4 +273,6 @@ def _options_from(config: type[BasePassConfig]) -> QuantizeOptions:
         calibration_tokens=config.calibration_tokens,
         scale_search=config.scale_search,
         mixed_precision_budget=config.mixed_precision_budget,
+        sensitivity=config.sensitivity,
+        sensitivity_tokens=config.sensitivity_tokens,
     )

@@ -10,6 +10,7 @@ from olive_int4_pass.block_quant import validate_bits, validate_block_size
 
 LM_HEAD_CHOICES = ("quantize", "int8", "float")
 EMBEDDING_CHOICES = ("float", "int4", "int8")
+SENSITIVITY_CHOICES = ("error", "measured")
 # Named quality presets: (scale_search, mixed_precision_budget, lm_head). Both calibrate on the built-in text by
 # default; the budget is the whole model's growth over plain INT4, an lm_head at 8 bits included. On a real 1.5B
 # model (README): balanced x1.03, perplexity loss 2.4 % instead of 5.5 %; max x1.13-1.15, KL a quarter of RTN's.
@@ -54,6 +55,8 @@ class QuantizeOptions:
     calibration_tokens: int = 2048
     scale_search: bool | None = None
     mixed_precision_budget: float | None = None
+    sensitivity: str = "error"
+    sensitivity_tokens: int = 256
 
     def __post_init__(self) -> None:
         validate_block_size(self.block_size)
@@ -94,6 +97,14 @@ class QuantizeOptions:
             raise ValueError(f"mixed_precision_budget must be a fraction >= 0 (0.15 = +15 %), got {budget!r}")
         if (self.scale_search or budget) and self.calibration is None:
             raise ValueError("scale_search and mixed_precision_budget need calibration (a text file or 'default')")
+        if self.sensitivity not in SENSITIVITY_CHOICES:
+            raise ValueError(f"sensitivity must be one of {SENSITIVITY_CHOICES}, got {self.sensitivity!r}")
+        if isinstance(self.sensitivity_tokens, bool) or not isinstance(self.sensitivity_tokens, int):
+            raise TypeError(f"sensitivity_tokens must be an int, got {self.sensitivity_tokens!r}")
+        if self.sensitivity_tokens < 16:
+            raise ValueError(f"sensitivity_tokens must be >= 16, got {self.sensitivity_tokens}")
+        if self.sensitivity == "measured" and not budget:
+            raise ValueError("sensitivity='measured' ranks weights for mixed precision: set mixed_precision_budget")
         if self.calibration_tokens < 16:
             raise ValueError(f"calibration_tokens must be >= 16, got {self.calibration_tokens}")
 

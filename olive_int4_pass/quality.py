@@ -18,6 +18,7 @@ from olive_int4_pass import fast_rtn
 from olive_int4_pass.block_quant import QuantizedWeight, dequantize_blockwise, quantize_blockwise
 from olive_int4_pass.options import QuantizeOptions
 from olive_int4_pass.scale_search import SearchResult, search_scales
+from olive_int4_pass.sensitivity import ImpactProbe, group_by_layer, measure_groups
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class QualityPlan:
         self.bits: dict[WeightKey, int] = {}
         self.searched: dict[tuple[WeightKey, int], SearchResult] = {}
         self.errors: dict[str, dict] = {}
+        self.group_kl: dict[str, float] = {}  # measured sensitivity, when asked for
         self._lock = threading.Lock()
 
     def quantize(self, key: WeightKey, candidate: Candidate, bits: int) -> QuantizedWeight:
@@ -110,11 +112,18 @@ class QualityPlan:
         opts = self.options
         return search_scales(weight, importance, block_size=opts.block_size, bits=bits, symmetric=opts.is_symmetric)
 
-    def choose_bits(self, candidates: dict[WeightKey, Candidate], default_bits: int, fixed_bytes: int = 0) -> None:
+    def choose_bits(
+        self,
+        candidates: dict[WeightKey, Candidate],
+        default_bits: int,
+        fixed_bytes: int = 0,
+        probe: ImpactProbe | None = None,
+    ) -> None:
         """Measure each candidate at ``default_bits`` and move the costliest-per-byte ones to 8 bits.
 
         ``fixed_bytes``: the model's other weights (float embedding, norms, biases), which the budget counts too:
-        a budget of 0.03 lets the whole model grow by 3 %.
+        a budget of 0.03 lets the whole model grow by 3 %. With a ``probe`` (``sensitivity="measured"``) the
+        cost is each layer's measured KL at the logits, shared among its weights by their relative errors.
         """
         opts = self.options
         sensitivity: dict[WeightKey, float] = {}
@@ -136,6 +145,8 @@ class QualityPlan:
                 )
                 error = result.rtn_weighted_error
             sensitivity[key] = error / max(result.weighted_energy, 1e-30)
+        if probe is not None:
+            sensitivity = self._measured(candidates, sensitivity, default_bits, probe)
 
         def size(c: Candidate, bits: int) -> int:
             return quantized_bytes(c.k, c.n, opts.block_size, bits, c.source.dtype.itemsize, opts.is_symmetric)
@@ -159,6 +170,39 @@ class QualityPlan:
             names = ", ".join(sorted(candidates[k].name for k in upgraded))
             added = sum(extra[k] for k in upgraded)
             logger.info("Mixed precision: %d weights at 8 bits (+%.1f MB): %s", len(upgraded), added / 1e6, names)
+
+    def _measured(
+        self, candidates: dict[WeightKey, Candidate], relative: dict[WeightKey, float], bits: int, probe: ImpactProbe
+    ) -> dict[WeightKey, float]:
+        """Each layer's measured KL, shared among its weights in proportion to their relative errors."""
+        opts = self.options
+
+        def replacement(key: WeightKey) -> tuple[str, np.ndarray]:
+            cand = candidates[key]
+            search = self.searched.get((key, bits))
+            q = quantize_blockwise(
+                cand.weight(),
+                block_size=opts.block_size,
+                bits=bits,
+                symmetric=opts.is_symmetric,
+                name=cand.name,
+                scales=None if search is None else search.scales,
+                zero_points=None if search is None else search.zero_points,
+            )
+            w = dequantize_blockwise(q).astype(cand.source.dtype.numpy())
+            return cand.name, np.ascontiguousarray(w.T if cand.transposed else w)
+
+        groups = group_by_layer({k: c.nodes for k, c in candidates.items()}, {k: c.name for k, c in candidates.items()})
+        kl = measure_groups(probe, groups, replacement)
+        worst = sorted(kl.items(), key=lambda kv: -kv[1])[:5]
+        logger.info("Measured KL by group (largest): %s", ", ".join(f"{g} {v:.2e}" for g, v in worst))
+        self.group_kl = kl
+        sensitivity = {}
+        for group, keys in groups.items():
+            total = sum(relative[k] for k in keys)
+            for k in keys:
+                sensitivity[k] = kl[group] * (relative[k] / total if total > 0 else 1.0 / len(keys))
+        return sensitivity
 
 
 def choose_upgrades(

@@ -53,6 +53,25 @@ def perplexity(nll_sums: list[float] | np.ndarray, counts: list[int] | np.ndarra
     return math.exp(nll_sums.sum() / counts.sum())
 
 
+def perplexity_change(nll: np.ndarray, ref_nll: np.ndarray, chunk: int = 128) -> tuple[float, float]:
+    """Perplexity relative to the reference's on the same positions, minus 1, and two standard errors of it.
+
+    The error comes from the paired per-token NLL differences averaged in chunks of ``chunk`` consecutive
+    positions (neighbouring tokens are not independent), propagated through ``exp``; it is NaN with fewer than
+    two chunks. A gap between two variants smaller than their errors is one the text cannot settle.
+    """
+    nll, ref_nll = np.asarray(nll, np.float64), np.asarray(ref_nll, np.float64)
+    if nll.shape != ref_nll.shape or nll.ndim != 1 or nll.size == 0:
+        raise ValueError(f"need two equal, non-empty per-token NLL vectors, got {nll.shape} and {ref_nll.shape}")
+    diff = nll - ref_nll
+    ratio = math.exp(diff.mean())
+    n_chunks = diff.size // chunk
+    if n_chunks < 2:
+        return ratio - 1, math.nan
+    means = diff[: n_chunks * chunk].reshape(n_chunks, chunk).mean(axis=1)
+    return ratio - 1, 2 * ratio * float(means.std(ddof=1)) / math.sqrt(n_chunks)
+
+
 def kl_divergence(ref_logprobs: np.ndarray, logprobs: np.ndarray) -> np.ndarray:
     """Per position ``sum_v p_ref(v) * (log p_ref(v) - log p(v))`` in nats; >= 0, and exactly 0 for equal inputs.
 
@@ -93,10 +112,13 @@ class QualityTotals:
     kl_sum: float = 0.0
     top1_hits: int = 0
     positions: int = 0
+    token_nlls: list[np.ndarray] = dataclasses.field(default_factory=list)
 
     def add_window(self, logprobs: np.ndarray, targets: np.ndarray, ref_logprobs: np.ndarray | None = None) -> None:
         """One window: ``logprobs[i]`` predicts ``targets[i]``; ``ref_logprobs`` (same shape) for KL and top-1."""
-        self.nll_sums.append(float(token_nll(logprobs, targets).sum()))
+        nll = token_nll(logprobs, targets)
+        self.token_nlls.append(nll)
+        self.nll_sums.append(float(nll.sum()))
         self.counts.append(len(targets))
         if ref_logprobs is not None:
             self.kl_sum += float(kl_divergence(ref_logprobs, logprobs).sum())
@@ -110,6 +132,11 @@ class QualityTotals:
     @property
     def window_perplexities(self) -> list[float]:
         return [math.exp(s / c) for s, c in zip(self.nll_sums, self.counts, strict=True) if c]
+
+    @property
+    def nll(self) -> np.ndarray:
+        """Every scored position's NLL, windows in order."""
+        return np.concatenate(self.token_nlls) if self.token_nlls else np.zeros(0)
 
     @property
     def kl_divergence(self) -> float:

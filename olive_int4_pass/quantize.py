@@ -22,6 +22,7 @@ from olive_int4_pass.calibration import DEFAULT_TEXT
 from olive_int4_pass.embedding_rules import embedding_rules
 from olive_int4_pass.options import QuantizeOptions
 from olive_int4_pass.rewrite_rules import MS_DOMAIN, QuantizationState, quantization_rules
+from olive_int4_pass.sensitivity import ImpactProbe
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class QuantizationReport:
     tied_decisions: list[str] = dataclasses.field(default_factory=list)
     weight_errors: dict[str, dict] = dataclasses.field(default_factory=dict)
     calibration_seconds: float | None = None
+    measured_kl: dict[str, float] = dataclasses.field(default_factory=dict)  # sensitivity="measured", by group
 
     def to_json(self) -> dict:
         worst = sorted(self.weight_errors.items(), key=lambda kv: -kv[1].get("relative_error", 0))
@@ -59,6 +61,7 @@ class QuantizationReport:
             "tied_embeddings": self.tied_decisions,
             "calibration_seconds": self.calibration_seconds,
             "weights_worst_first": dict(worst),
+            "measured_kl_by_group": dict(sorted(self.measured_kl.items(), key=lambda kv: -kv[1])),
         }
 
     @property
@@ -101,6 +104,7 @@ def quantize_model(
     )
     report.weight_errors = state.quality.errors  # filled while the model is saved
     report.calibration_seconds = getattr(state, "calibration_seconds", None)
+    report.measured_kl = dict(state.quality.group_kl)
     _log_report(report)
     return report
 
@@ -364,7 +368,22 @@ def _prepare_quality_plan(
             for v in model.graph.initializers.values()
             if v.const_value is not None and v.name not in chosen
         )
-        state.quality.choose_bits(state.candidates, opts.bits, fixed)
+        probe = None
+        if opts.sensitivity == "measured":
+            probe = _impact_probe(state, model_path, token_ids)
+        state.quality.choose_bits(state.candidates, opts.bits, fixed, probe)
+
+
+def _impact_probe(state: QuantizationState, model_path: Path, token_ids: Sequence) -> ImpactProbe:
+    """The float model on the first ``sensitivity_tokens`` calibration tokens, its candidate weights as inputs."""
+    from olive_int4_pass.calibration import _sequences
+
+    sample = list(_sequences(token_ids)[0][: state.options.sensitivity_tokens])
+    weights = {}
+    for cand in state.candidates.values():
+        w = cand.weight()
+        weights[cand.name] = w.T if cand.transposed else w
+    return ImpactProbe(model_path, weights, sample)
 
 
 def _log_worst(report: QuantizationReport, count: int = 5) -> None:

@@ -50,6 +50,8 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
     src = small_model(tmp_path / "in" / "model.onnx")
     assert main(["quantize", str(src), str(tmp_path / "out"), "--block-size", "12"]) == 2
     assert "power of two" in capsys.readouterr().err
+    assert main(["quantize", str(src), str(tmp_path / "out"), "--sensitivity", "measured"]) == 2
+    assert "set mixed_precision_budget" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -21,6 +21,7 @@ from olive_int4_pass.quality_metrics import (
     kl_divergence,
     log_softmax,
     perplexity,
+    perplexity_change,
     token_nll,
     top1_agreement,
 )
@@ -81,6 +82,22 @@ def test_top1_agreement_and_totals_by_hand():
     assert totals.top1_agreement == pytest.approx(2 / 3)
 
 
+def test_perplexity_change_and_its_error():
+    rng = np.random.default_rng(0)
+    ref = rng.exponential(2.0, 4096)
+    assert perplexity_change(ref, ref) == (0.0, 0.0)
+    change, two_se = perplexity_change(ref + 0.01, ref)  # the same shift everywhere: exact, no spread
+    assert change == pytest.approx(math.exp(0.01) - 1) and two_se == pytest.approx(0.0, abs=1e-12)
+    noisy = ref + 0.01 + rng.normal(0, 0.5, ref.size)
+    change, two_se = perplexity_change(noisy, ref)
+    assert two_se > 0 and abs(change - (math.exp(0.01) - 1)) < 2 * two_se
+    _, two_se_short = perplexity_change(noisy[:512], ref[:512])
+    assert two_se_short > 1.5 * two_se  # a quarter of the text: about twice the error
+    assert math.isnan(perplexity_change(noisy[:200], ref[:200])[1])  # one chunk: no error estimate
+    with pytest.raises(ValueError, match="equal"):
+        perplexity_change(noisy[:10], ref[:11])
+
+
 def test_token_windows():
     windows = token_windows(np.arange(10), 4)
     assert [w.tolist() for w in windows] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
@@ -138,6 +155,9 @@ def test_numbers_are_finite_and_consistent(compared):
     # The reference against itself: exactly 0 and 1, through the same code path as every other variant.
     assert rows["fp32"]["is_reference"] and rows["fp32"]["kl_divergence"] == 0.0
     assert rows["fp32"]["top1_agreement"] == 1.0
+    assert rows["fp32"]["perplexity_change"] == 0.0
+    for row in rows.values():  # the change is the perplexities' ratio
+        assert row["perplexity_change"] == pytest.approx(row["perplexity"] / rows["fp32"]["perplexity"] - 1, rel=1e-6)
     # Fewer bits, further from the reference (by orders of magnitude on this model).
     assert 0 < rows["fp16"]["kl_divergence"] < rows["int8"]["kl_divergence"] < rows["int4"]["kl_divergence"]
     assert rows["int4"]["top1_agreement"] < 1.0

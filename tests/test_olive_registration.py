@@ -163,3 +163,21 @@ def test_plugin_version_is_part_of_the_pass_config():
     params = OnnxInt4RtnQuantization.default_config(DEFAULT_CPU_ACCELERATOR)
     assert params["plugin_version"].default_value == olive_int4_pass.__version__
     assert params["save_as_external_data"].default_value is True
+
+
+def test_every_quantize_option_is_a_pass_parameter_and_reaches_the_options():
+    import dataclasses
+
+    from olive.hardware.accelerator import DEFAULT_CPU_ACCELERATOR
+
+    from olive_int4_pass.olive_pass import OnnxInt4RtnQuantization, _options_from
+    from olive_int4_pass.options import QuantizeOptions
+
+    params = OnnxInt4RtnQuantization.default_config(DEFAULT_CPU_ACCELERATOR)
+    fields = {f.name for f in dataclasses.fields(QuantizeOptions)}
+    assert fields <= set(params), fields - set(params)
+    values = {name: p.default_value for name, p in params.items()}
+    values.update(quality="balanced", sensitivity="measured", sensitivity_tokens=64)
+    config = OnnxInt4RtnQuantization.generate_config(DEFAULT_CPU_ACCELERATOR, values)
+    options = _options_from(config)
+    assert (options.sensitivity, options.sensitivity_tokens, options.mixed_precision_budget) == ("measured", 64, 0.03)
