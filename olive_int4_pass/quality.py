@@ -148,17 +148,19 @@ class QualityPlan:
         if probe is not None:
             sensitivity = self._measured(candidates, sensitivity, default_bits, probe)
 
-        def size(c: Candidate, bits: int) -> int:
-            return quantized_bytes(c.k, c.n, opts.block_size, bits, c.source.dtype.itemsize, opts.is_symmetric)
+        def size(c: Candidate, bits: int, symmetric: bool = opts.is_symmetric) -> int:
+            return quantized_bytes(c.k, c.n, opts.block_size, bits, c.source.dtype.itemsize, symmetric)
 
+        # The budget is growth over the plain symmetric INT4 model (the reference layout): zero points, and the
+        # tensors the options already put at 8 bits (lm_head: int8), are paid for out of it first.
+        plain = {key: size(c, default_bits, True) for key, c in candidates.items()}
         sizes = {key: size(c, default_bits) for key, c in candidates.items()}
         extra = {key: size(c, 8) - sizes[key] for key, c in candidates.items()}
-        # Tensors already at 8 bits (lm_head: int8) are paid for out of the budget first.
         imposed = {key for key, c in candidates.items() if c.min_bits >= 8}
-        prepaid = sum(extra[key] for key in imposed)
+        prepaid = sum(extra[key] for key in imposed) + sum(sizes.values()) - sum(plain.values())
         upgraded = choose_upgrades(
             {k: v for k, v in sensitivity.items() if k not in imposed},
-            sizes,
+            plain,
             opts.mixed_precision_budget,
             extra,
             fixed_bytes,
@@ -216,8 +218,9 @@ def choose_upgrades(
 ) -> list:
     """Greedy knapsack: highest relative error per extra byte first, while the extra bytes fit the budget.
 
-    ``sizes``: each tensor's quantized bytes; ``extra``: what 8 bits add to it (default: as many bytes again);
-    ``budget``: the allowed growth of the model, whose bytes are ``sizes`` plus ``fixed_bytes`` (0.15 = 15 %);
+    ``sizes``: each tensor's bytes in the plain model the budget is relative to; ``extra``: what 8 bits add to
+    it (default: as many bytes again); ``budget``: the allowed growth of the model, whose bytes are ``sizes`` plus
+    ``fixed_bytes`` (0.15 = 15 %);
     ``prepaid``: growth already spent (tensors the options put at 8 bits).
     """
     if not budget:
@@ -225,6 +228,8 @@ def choose_upgrades(
     extra = extra if extra is not None else dict(sizes)
     allowance = budget * (sum(sizes.values()) + fixed_bytes)
     chosen, spent = [], float(prepaid)
+    if spent > allowance:
+        logger.info("Mixed precision: zero points and imposed 8-bit tensors already exceed the budget")
     for key in sorted(sensitivity, key=lambda k: sensitivity[k] / max(extra[k], 1), reverse=True):
         if extra[key] > 0 and spent + extra[key] <= allowance:
             chosen.append(key)

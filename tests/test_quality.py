@@ -133,6 +133,25 @@ def test_max_preset_mixes_bit_widths_and_still_runs(exports, tmp_path):
     check_numerics(out, decoder_feeds(out, built), rtol=1e-3)
 
 
+def test_the_budget_is_growth_over_plain_symmetric_int4(exports, tmp_path):
+    """Zero points are paid out of the budget: asymmetric + 5 % stays within 5 % of the plain INT4 model."""
+    src = exports("qwen2")["fp32-cpu"] / "model.onnx"
+
+    def data_bytes(name, **kwargs):
+        out = quantize_file(src, tmp_path / name, QuantizeOptions(**kwargs), progress=False)
+        report = json.loads((out.parent / "quantization_report.json").read_text())
+        size = sum(f.stat().st_size for f in out.parent.glob("model.onnx*"))  # small zero points stay inline
+        return size, set(report["quantized_nodes"].values())
+
+    plain, _ = data_bytes("plain")
+    asym, _ = data_bytes("asym", is_symmetric=False)
+    budgeted, bits = data_bytes(
+        "budget", is_symmetric=False, calibration="default", scale_search=True, mixed_precision_budget=0.05
+    )
+    assert asym > plain  # the zero points
+    assert bits == {4, 8} and asym < budgeted <= 1.05 * plain
+
+
 def test_calibration_needs_the_tokenizer(exports, tmp_path):
     folder = tmp_path / "no_tokenizer"
     shutil.copytree(exports("qwen2")["fp32-cpu"], folder)
