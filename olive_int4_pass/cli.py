@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--sensitivity",
         choices=SENSITIVITY_CHOICES,
-        default="error",
+        default=None,
         help="rank weights for 8 bits by relative error, or by each layer's KL measured on the float model",
     )
     q.add_argument("--single-file", action="store_true", help="no external data file (models under 1 GB)")

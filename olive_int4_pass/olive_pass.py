@@ -104,8 +104,9 @@ class OnnxInt4RtnQuantization(Pass):
                 description=(
                     f"Opt-in quality preset, one of {sorted(QUALITY_PRESETS)}: 'balanced' = calibrated,"
                     " importance-weighted scale search, 8-bit tensors where they cost the most, the model at most +3 %"
-                    " bytes; 'max' = the same with the lm_head at 8 bits and at most +15 %. Unset (default): plain RTN,"
-                    " byte-identical to the reference."
+                    " bytes; 'max' = the same with the lm_head at 8 bits, the 8-bit weights picked by their layer's"
+                    " KL measured on the float model (sensitivity 'measured'), at most +15 %. Unset (default): plain"
+                    " RTN, byte-identical to the reference."
                 ),
             ),
             "calibration": PassConfigParam(
@@ -144,9 +145,10 @@ class OnnxInt4RtnQuantization(Pass):
             ),
             "sensitivity": PassConfigParam(
                 type_=str,
-                default_value="error",
+                default_value=None,
                 description=(
-                    "How mixed precision ranks the weights: 'error' = each weight's importance-weighted relative"
+                    "How mixed precision ranks the weights (unset: 'error', or the quality preset's): 'error' = each"
+                    " weight's importance-weighted relative"
                     " error; 'measured' = each transformer layer's KL at the logits when its weights are quantized,"
                     " measured on the float model (one onnxruntime run per layer), shared by relative error."
                 ),

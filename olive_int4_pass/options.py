@@ -11,10 +11,13 @@ from olive_int4_pass.block_quant import validate_bits, validate_block_size
 LM_HEAD_CHOICES = ("quantize", "int8", "float")
 EMBEDDING_CHOICES = ("float", "int4", "int8")
 SENSITIVITY_CHOICES = ("error", "measured")
-# Named quality presets: (scale_search, mixed_precision_budget, lm_head). Both calibrate on the built-in text by
-# default; the budget is the whole model's growth over plain INT4, an lm_head at 8 bits included. On a real 1.5B
-# model (README): balanced x1.03, perplexity loss 2.4 % instead of 5.5 %; max x1.13-1.15, KL a quarter of RTN's.
-QUALITY_PRESETS = {"balanced": (True, 0.03, None), "max": (True, 0.15, "int8")}
+# Named quality presets: option values applied where the user left the option unset. Both calibrate on the built-in
+# text by default; the budget is the whole model's growth over plain INT4, an lm_head at 8 bits included. Measured
+# on a real 1.5B model (README, 9,955 tokens): see "Measured on a real model".
+QUALITY_PRESETS = {
+    "balanced": {"scale_search": True, "mixed_precision_budget": 0.03, "sensitivity": "error"},
+    "max": {"scale_search": True, "mixed_precision_budget": 0.15, "lm_head": "int8", "sensitivity": "measured"},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +38,11 @@ class QuantizeOptions:
     file (or ``"default"``, a built-in passage) run through the float model to measure each MatMul input's
     per-channel second moment; ``scale_search`` picks each block's scale (and clip) to minimise the error weighted
     by those moments; ``mixed_precision_budget`` lets the whole model grow by that fraction (0.15 = +15 %) to store
-    the tensors with the largest measured error per byte at 8 bits. ``quality`` names a preset of the three:
-    ``balanced`` (search, +3 %) or ``max`` (search, the lm_head at 8 bits, +15 % in all); explicit options
-    override the preset (``max`` leaves an ``lm_head`` of ``float`` or ``int8`` as it is).
+    the tensors with the largest error per byte at 8 bits, ranked by ``sensitivity``: ``error`` (each weight's
+    importance-weighted relative error) or ``measured`` (each layer's KL at the logits on the float model, see
+    :mod:`olive_int4_pass.sensitivity`). ``quality`` names a preset of these: ``balanced`` (search, +3 %) or
+    ``max`` (search, the lm_head at 8 bits, measured sensitivity, +15 % in all); explicit options override the
+    preset (``max`` leaves an ``lm_head`` of ``float`` or ``int8`` as it is).
     """
 
     block_size: int = 32
@@ -55,7 +60,7 @@ class QuantizeOptions:
     calibration_tokens: int = 2048
     scale_search: bool | None = None
     mixed_precision_budget: float | None = None
-    sensitivity: str = "error"
+    sensitivity: str | None = None  # "error" unless a preset says otherwise
     sensitivity_tokens: int = 256
 
     def __post_init__(self) -> None:
@@ -82,16 +87,15 @@ class QuantizeOptions:
         if self.quality is not None:
             if self.quality not in QUALITY_PRESETS:
                 raise ValueError(f"quality must be one of {sorted(QUALITY_PRESETS)} or unset, got {self.quality!r}")
-            search, budget, lm_head = QUALITY_PRESETS[self.quality]
-            if lm_head and self.lm_head == "quantize":  # the default; an explicit int8/float stays
-                object.__setattr__(self, "lm_head", lm_head)
-            if self.scale_search is None:
-                object.__setattr__(self, "scale_search", search)
-            if self.mixed_precision_budget is None:
-                object.__setattr__(self, "mixed_precision_budget", budget)
+            for field, value in QUALITY_PRESETS[self.quality].items():
+                unset = "quantize" if field == "lm_head" else None  # an explicit lm_head int8/float stays
+                if getattr(self, field) == unset:
+                    object.__setattr__(self, field, value)
             if self.calibration is None:
                 object.__setattr__(self, "calibration", "default")
         object.__setattr__(self, "scale_search", bool(self.scale_search))
+        if self.sensitivity is None:
+            object.__setattr__(self, "sensitivity", "error")
         budget = self.mixed_precision_budget
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0):
             raise ValueError(f"mixed_precision_budget must be a fraction >= 0 (0.15 = +15 %), got {budget!r}")

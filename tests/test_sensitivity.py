@@ -105,3 +105,6 @@ def test_sensitivity_options_are_validated():
     with pytest.raises(ValueError, match="set mixed_precision_budget"):
         QuantizeOptions(calibration="default", scale_search=True, sensitivity="measured")
     assert QuantizeOptions(quality="balanced", sensitivity="measured").sensitivity == "measured"
+    assert QuantizeOptions(quality="max").sensitivity == "measured"  # the preset's
+    assert QuantizeOptions(quality="max", sensitivity="error").sensitivity == "error"  # an explicit choice stays
+    assert QuantizeOptions().sensitivity == "error"
