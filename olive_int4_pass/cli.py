@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("output_dir", help="folder to write model.onnx + model.onnx.data into")
     q.add_argument("--block-size", type=int, default=32, help="values per block along K (power of two >= 16)")
     q.add_argument("--bits", type=int, default=4, choices=(4, 8))
-    q.add_argument("--asymmetric", action="store_true", help="uint4 with zero points instead of symmetric")
+    symmetry = q.add_mutually_exclusive_group()
+    symmetry.add_argument("--asymmetric", action="store_true", help="uint4 with zero points instead of symmetric")
+    symmetry.add_argument("--symmetric", action="store_true", help="symmetric even where a --quality preset is not")
     q.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level (4 for CPU)")
     q.add_argument("--include", action="append", default=None, metavar="PATTERN", help="only these node names/globs")
     q.add_argument("--exclude", action="append", default=None, metavar="PATTERN", help="skip these node names/globs")
@@ -117,7 +119,7 @@ def _quantize(args: argparse.Namespace) -> int:
     options = QuantizeOptions(
         block_size=args.block_size,
         bits=args.bits,
-        is_symmetric=not args.asymmetric,
+        is_symmetric=False if args.asymmetric else (True if args.symmetric else None),
         accuracy_level=args.accuracy_level,
         nodes_to_include=args.include,
         nodes_to_exclude=args.exclude,

@@ -49,10 +49,10 @@ class OnnxInt4RtnQuantization(Pass):
             ),
             "is_symmetric": PassConfigParam(
                 type_=bool,
-                default_value=True,
+                default_value=None,
                 description=(
-                    "Symmetric (signed scale, no zero points; the reference's default) or asymmetric (uint4 with"
-                    " packed zero points)."
+                    "Symmetric (signed scale, no zero points; the reference's layout and the default) or asymmetric"
+                    " (uint4 with packed zero points). Unset: symmetric, or the quality preset's (max: asymmetric)."
                 ),
             ),
             "accuracy_level": PassConfigParam(

@@ -16,7 +16,13 @@ SENSITIVITY_CHOICES = ("error", "measured")
 # on a real 1.5B model (README, 9,955 tokens): see "Measured on a real model".
 QUALITY_PRESETS = {
     "balanced": {"scale_search": True, "mixed_precision_budget": 0.03, "sensitivity": "error"},
-    "max": {"scale_search": True, "mixed_precision_budget": 0.15, "lm_head": "int8", "sensitivity": "measured"},
+    "max": {
+        "scale_search": True,
+        "mixed_precision_budget": 0.135,
+        "lm_head": "int8",
+        "sensitivity": "measured",
+        "is_symmetric": False,
+    },
 }
 
 
@@ -47,7 +53,7 @@ class QuantizeOptions:
 
     block_size: int = 32
     bits: int = 4
-    is_symmetric: bool = True
+    is_symmetric: bool | None = None  # True unless a preset says otherwise
     accuracy_level: int | None = None
     nodes_to_include: Sequence[str] | None = None
     nodes_to_exclude: Sequence[str] | None = None
@@ -66,8 +72,6 @@ class QuantizeOptions:
     def __post_init__(self) -> None:
         validate_block_size(self.block_size)
         validate_bits(self.bits)
-        if not isinstance(self.is_symmetric, bool):
-            raise TypeError(f"is_symmetric must be a bool, got {self.is_symmetric!r}")
         if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"accuracy_level must be 0..4 or unset, got {self.accuracy_level!r}")
         if self.lm_head not in LM_HEAD_CHOICES:
@@ -75,6 +79,8 @@ class QuantizeOptions:
         if self.embedding not in EMBEDDING_CHOICES:
             raise ValueError(f"embedding must be one of {EMBEDDING_CHOICES}, got {self.embedding!r}")
         self._resolve_quality()
+        if not isinstance(self.is_symmetric, bool):
+            raise TypeError(f"is_symmetric must be a bool, got {self.is_symmetric!r}")
         for field in ("nodes_to_include", "nodes_to_exclude"):
             value = getattr(self, field)
             if value is None:
@@ -96,6 +102,8 @@ class QuantizeOptions:
         object.__setattr__(self, "scale_search", bool(self.scale_search))
         if self.sensitivity is None:
             object.__setattr__(self, "sensitivity", "error")
+        if self.is_symmetric is None:
+            object.__setattr__(self, "is_symmetric", True)
         budget = self.mixed_precision_budget
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0):
             raise ValueError(f"mixed_precision_budget must be a fraction >= 0 (0.15 = +15 %), got {budget!r}")

@@ -83,7 +83,11 @@ def test_options_are_validated():
     with pytest.raises(ValueError, match="fraction >= 0"):
         QuantizeOptions(calibration="default", mixed_precision_budget=-1)
     preset = QuantizeOptions(quality="max")
-    assert preset.scale_search and preset.mixed_precision_budget == 0.15 and preset.calibration == "default"
+    assert preset.scale_search and preset.mixed_precision_budget == 0.135 and preset.calibration == "default"
+    assert not preset.is_symmetric and QuantizeOptions().is_symmetric
+    assert QuantizeOptions(quality="max", is_symmetric=True).is_symmetric  # an explicit choice stays
+    with pytest.raises(TypeError, match="is_symmetric must be a bool"):
+        QuantizeOptions(is_symmetric=1)
     assert preset.lm_head == "int8" and QuantizeOptions(quality="balanced").lm_head == "quantize"
     assert QuantizeOptions(quality="max", lm_head="float").lm_head == "float"
     assert QuantizeOptions(quality="max", mixed_precision_budget=0.05).mixed_precision_budget == 0.05
