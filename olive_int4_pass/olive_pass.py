@@ -52,7 +52,7 @@ class OnnxInt4RtnQuantization(Pass):
                 default_value=None,
                 description=(
                     "Symmetric (signed scale, no zero points; the reference's layout and the default) or asymmetric"
-                    " (uint4 with packed zero points). Unset: symmetric, or the quality preset's (max: asymmetric)."
+                    " (uint4 with packed zero points). Unset: symmetric, or asymmetric under a quality preset."
                 ),
             ),
             "accuracy_level": PassConfigParam(
@@ -103,10 +103,10 @@ class OnnxInt4RtnQuantization(Pass):
                 default_value=None,
                 description=(
                     f"Opt-in quality preset, one of {sorted(QUALITY_PRESETS)}: 'balanced' = calibrated,"
-                    " importance-weighted scale search, 8-bit tensors where they cost the most, the model at most +3 %"
-                    " bytes; 'max' = the same with the lm_head at 8 bits, the 8-bit weights picked by their layer's"
-                    " KL measured on the float model (sensitivity 'measured'), at most +15 %. Unset (default): plain"
-                    " RTN, byte-identical to the reference."
+                    " importance-weighted scale search, asymmetric (zero points), 8-bit tensors where they cost the"
+                    " most, the model at most +3 % bytes over plain INT4; 'max' = the same with the lm_head at 8 bits,"
+                    " the 8-bit weights picked by their layer's KL measured on the float model (sensitivity"
+                    " 'measured'), at most +13.5 %. Unset (default): plain RTN, byte-identical to the reference."
                 ),
             ),
             "calibration": PassConfigParam(

@@ -15,7 +15,7 @@ SENSITIVITY_CHOICES = ("error", "measured")
 # text by default; the budget is the whole model's growth over plain INT4, an lm_head at 8 bits included. Measured
 # on a real 1.5B model (README, 9,955 tokens): see "Measured on a real model".
 QUALITY_PRESETS = {
-    "balanced": {"scale_search": True, "mixed_precision_budget": 0.03, "sensitivity": "error"},
+    "balanced": {"scale_search": True, "mixed_precision_budget": 0.03, "sensitivity": "error", "is_symmetric": False},
     "max": {
         "scale_search": True,
         "mixed_precision_budget": 0.135,
@@ -46,9 +46,10 @@ class QuantizeOptions:
     by those moments; ``mixed_precision_budget`` lets the whole model grow by that fraction (0.15 = +15 %) to store
     the tensors with the largest error per byte at 8 bits, ranked by ``sensitivity``: ``error`` (each weight's
     importance-weighted relative error) or ``measured`` (each layer's KL at the logits on the float model, see
-    :mod:`olive_int4_pass.sensitivity`). ``quality`` names a preset of these: ``balanced`` (search, +3 %) or
-    ``max`` (search, the lm_head at 8 bits, measured sensitivity, +15 % in all); explicit options override the
-    preset (``max`` leaves an ``lm_head`` of ``float`` or ``int8`` as it is).
+    :mod:`olive_int4_pass.sensitivity`). ``quality`` names a preset of these (see ``QUALITY_PRESETS``):
+    ``balanced`` (asymmetric, search, +3 % in all) or ``max`` (asymmetric, search, the lm_head at 8 bits, measured
+    sensitivity, +13.5 % in all); explicit options override the preset (``max`` leaves an ``lm_head`` of
+    ``float`` or ``int8`` as it is, ``is_symmetric=True`` stays symmetric).
     """
 
     block_size: int = 32

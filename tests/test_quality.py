@@ -84,7 +84,8 @@ def test_options_are_validated():
         QuantizeOptions(calibration="default", mixed_precision_budget=-1)
     preset = QuantizeOptions(quality="max")
     assert preset.scale_search and preset.mixed_precision_budget == 0.135 and preset.calibration == "default"
-    assert not preset.is_symmetric and QuantizeOptions().is_symmetric
+    assert not preset.is_symmetric and not QuantizeOptions(quality="balanced").is_symmetric
+    assert QuantizeOptions().is_symmetric
     assert QuantizeOptions(quality="max", is_symmetric=True).is_symmetric  # an explicit choice stays
     with pytest.raises(TypeError, match="is_symmetric must be a bool"):
         QuantizeOptions(is_symmetric=1)
