@@ -92,21 +92,25 @@ class QualityPlan:
             weight = candidate.weight()
             if opts.scale_search:
                 search = self.searched.get((key, bits)) or self._search(weight, importance, bits)
-            q = quantize_blockwise(
-                weight,
-                block_size=opts.block_size,
-                bits=bits,
-                symmetric=opts.is_symmetric,
-                name=candidate.name,
-                scales=None if search is None else search.scales,
-                zero_points=None if search is None else search.zero_points,
-            )
+            q = self._quantize_with(weight, candidate.name, bits, search)
             sample = np.asarray(weight[:, cols], np.float32)
         stats = _error_stats(cols, sample, q, importance)
         stats.update(bits=bits, nodes=list(candidate.nodes), scale_search=search is not None)
         with self._lock:
             self.errors[candidate.name] = stats
         return q
+
+    def _quantize_with(self, weight: np.ndarray, name: str, bits: int, search: SearchResult | None) -> QuantizedWeight:
+        """Round ``weight`` with the searched scales (and zero points), or to nearest without a search."""
+        return quantize_blockwise(
+            weight,
+            block_size=self.options.block_size,
+            bits=bits,
+            symmetric=self.options.is_symmetric,
+            name=name,
+            scales=None if search is None else search.scales,
+            zero_points=None if search is None else search.zero_points,
+        )
 
     def _search(self, weight: np.ndarray, importance: np.ndarray | None, bits: int) -> SearchResult:
         opts = self.options
@@ -177,20 +181,10 @@ class QualityPlan:
         self, candidates: dict[WeightKey, Candidate], relative: dict[WeightKey, float], bits: int, probe: ImpactProbe
     ) -> dict[WeightKey, float]:
         """Each layer's measured KL, shared among its weights in proportion to their relative errors."""
-        opts = self.options
 
         def replacement(key: WeightKey) -> tuple[str, np.ndarray]:
             cand = candidates[key]
-            search = self.searched.get((key, bits))
-            q = quantize_blockwise(
-                cand.weight(),
-                block_size=opts.block_size,
-                bits=bits,
-                symmetric=opts.is_symmetric,
-                name=cand.name,
-                scales=None if search is None else search.scales,
-                zero_points=None if search is None else search.zero_points,
-            )
+            q = self._quantize_with(cand.weight(), cand.name, bits, self.searched.get((key, bits)))
             w = dequantize_blockwise(q).astype(cand.source.dtype.numpy())
             return cand.name, np.ascontiguousarray(w.T if cand.transposed else w)
 
