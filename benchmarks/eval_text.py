@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
 from pydoc_data.topics import topics
 
 from olive_int4_pass.compare import default_text

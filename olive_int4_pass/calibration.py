@@ -30,7 +30,12 @@ _WINDOW = 256
 
 
 def default_calibration_text() -> str:
-    """A deterministic built-in passage (our own prose, unrelated to any evaluation text)."""
+    """A deterministic built-in text: our own prose, then Python code (a frozen excerpt of our ``block_quant.py``).
+
+    About 2,500 Qwen2.5 tokens, so the default ``calibration_tokens=2048`` is filled. On a 1.5B coder model the code
+    half lowered the balanced preset's perplexity loss on held-out text (prose and technical) from +3.75 % to
+    +3.22 % against the prose alone (1,088 tokens).
+    """
     return resources.files("olive_int4_pass").joinpath("data/calibration.txt").read_text(encoding="utf-8")
 
 
