@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 from pydoc_data.topics import topics
 
-from olive_int4_pass.compare import default_text
+from olive_int4_pass.compare.run import default_text
 
 TOPICS = ("execmodel", "exceptions", "naming", "objects", "calls")
 

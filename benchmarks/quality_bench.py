@@ -32,7 +32,7 @@ _GB = 1e9
 
 
 def _child(model: str, out: str, options_json: str, result_file: str) -> None:
-    import olive_int4_pass.quantize as qz
+    import olive_int4_pass.pipeline as qz
     from olive_int4_pass.options import QuantizeOptions
 
     options = QuantizeOptions(**json.loads(options_json))

@@ -12,7 +12,7 @@ offline once under ``--work-dir`` and reused. Every tool runs in its own subproc
 interleaved within a round so that machine noise hits them alike.
 
 Tools:
-- ``ours``: ``olive_int4_pass.quantize.quantize_file`` (the code path behind our Olive pass and CLI).
+- ``ours``: ``olive_int4_pass.pipeline.quantize_file`` (the code path behind our Olive pass and CLI).
 - ``ours-in-memory``: the same rewrite after ``ir.external_data.load_to_model`` (the non-streaming reference).
 - ``olive-rtn``: Olive's ``OnnxBlockWiseRtnQuantization`` (block 32, symmetric, embedding Gather excluded).
 - ``ort-nbits``: onnxruntime's ``MatMulNBitsQuantizer`` (default RTN config, block 32, symmetric, MatMul only).
@@ -227,7 +227,7 @@ def weight_bytes(shape: ModelShape) -> int:
 
 def _run_ours(model: Path, out: Path) -> None:
     from olive_int4_pass.options import QuantizeOptions
-    from olive_int4_pass.quantize import quantize_file
+    from olive_int4_pass.pipeline import quantize_file
 
     quantize_file(model, out, QuantizeOptions(), progress=False)
 
@@ -236,7 +236,7 @@ def _run_ours_in_memory(model: Path, out: Path) -> None:
     import onnx_ir as ir
 
     from olive_int4_pass.options import QuantizeOptions
-    from olive_int4_pass.quantize import load_checked, quantize_model, save_atomically
+    from olive_int4_pass.pipeline import load_checked, quantize_model, save_atomically
 
     loaded = load_checked(model)
     ir.external_data.load_to_model(loaded)
@@ -275,8 +275,8 @@ _RUNNERS = {
 }
 # torch: the streaming kernel imports it on first use (olive imports it too, outside the step).
 _IMPORTS = {
-    "ours": ["olive_int4_pass.quantize", "torch"],
-    "ours-in-memory": ["olive_int4_pass.quantize"],
+    "ours": ["olive_int4_pass.pipeline", "torch"],
+    "ours-in-memory": ["olive_int4_pass.pipeline"],
     "olive-rtn": ["olive.passes.onnx.rtn_quantization", "olive.model"],
     "ort-nbits": ["onnx", "onnxruntime.quantization.matmul_nbits_quantizer"],
 }

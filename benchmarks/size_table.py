@@ -74,7 +74,7 @@ def olive_rtn(src: Path, out: Path) -> Path:
 
 def ours(src: Path, out: Path, **options) -> Path:
     from olive_int4_pass.options import QuantizeOptions
-    from olive_int4_pass.quantize import quantize_file
+    from olive_int4_pass.pipeline import quantize_file
 
     if not (out / "model.onnx").exists():
         quantize_file(src / "model.onnx", out, QuantizeOptions(accuracy_level=4, **options), progress=False)

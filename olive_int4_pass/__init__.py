@@ -9,6 +9,6 @@ __version__ = "0.1.0"
 
 def register() -> None:
     """Make Olive resolve this package's pass types (done automatically by the installed start-up hook)."""
-    from olive_int4_pass.olive_registration import install
+    from olive_int4_pass.olive.registration import install
 
     install()

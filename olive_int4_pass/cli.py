@@ -95,7 +95,7 @@ def _add_compare_parser(commands) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["chat"]:  # its own parser and help
-        from olive_int4_pass.genai_chat import main as chat_main
+        from olive_int4_pass.genai.chat import main as chat_main
 
         return chat_main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from olive_int4_pass.quantize import DATA_NAME, quantize_file
+    from olive_int4_pass.pipeline import DATA_NAME, quantize_file
 
     options = QuantizeOptions(
         block_size=args.block_size,
@@ -147,8 +147,8 @@ def _quantize(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from olive_int4_pass.compare import CompareSettings, compare
-    from olive_int4_pass.compare_variants import infer_label, onnx_file_of
+    from olive_int4_pass.compare.run import CompareSettings, compare
+    from olive_int4_pass.compare.variants import infer_label, onnx_file_of
 
     given: dict[str, str] = {}
     uses = list(args.use)

@@ -6,7 +6,7 @@ import dataclasses
 import fnmatch
 from collections.abc import Sequence
 
-from olive_int4_pass.block_quant import validate_bits, validate_block_size
+from olive_int4_pass.kernels.rtn import validate_bits, validate_block_size
 
 LM_HEAD_CHOICES = ("quantize", "int8", "float")
 EMBEDDING_CHOICES = ("float", "int4", "int8")
@@ -46,7 +46,7 @@ class QuantizeOptions:
     by those moments; ``mixed_precision_budget`` lets the whole model grow by that fraction (0.15 = +15 %) to store
     the tensors with the largest error per byte at 8 bits, ranked by ``sensitivity``: ``error`` (each weight's
     importance-weighted relative error) or ``measured`` (each layer's KL at the logits on the float model, see
-    :mod:`olive_int4_pass.sensitivity`). ``quality`` names a preset of these (see ``QUALITY_PRESETS``):
+    :mod:`olive_int4_pass.plan.sensitivity`). ``quality`` names a preset of these (see ``QUALITY_PRESETS``):
     ``balanced`` (asymmetric, search, +3 % in all) or ``max`` (asymmetric, search, the lm_head at 8 bits, measured
     sensitivity, +13.5 % in all); explicit options override the preset (``max`` leaves an ``lm_head`` of
     ``float`` or ``int8`` as it is, ``is_symmetric=True`` stays symmetric).

@@ -4,6 +4,6 @@ In a recipe: ``user_config: {user_script: recipes/quality_metric.py, evaluate_fu
 evaluate_func_kwargs: {reference: PATH_TO_FP32_PACKAGE}}`` (see README, "Compare FP32 / FP16 / INT8 / INT4").
 """
 
-from olive_int4_pass.olive_metric import evaluate_quality
+from olive_int4_pass.olive.metric import evaluate_quality
 
 __all__ = ["evaluate_quality"]

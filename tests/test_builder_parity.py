@@ -4,13 +4,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
-from onnx_helpers import attrs, initializers, nodes_of
+from onnx_helpers import attrs, initializers, load_onnx, nodes_of
 
 from olive_int4_pass.options import QuantizeOptions
-from olive_int4_pass.quantize import quantize_file
+from olive_int4_pass.pipeline import quantize_file
 
 CASES = {"cpu": ("fp32-cpu", "int4-cpu", 4), "cuda": ("fp16-cuda", "int4-cuda", None)}
 
@@ -43,7 +42,7 @@ def test_matches_builder_int4(builder_exports, tmp_path, target):
         QuantizeOptions(accuracy_level=accuracy_level),
         progress=False,
     )
-    ours, theirs = onnx.load(str(ours_path)), onnx.load(str(builder_exports[int4_key] / "model.onnx"))
+    ours, theirs = load_onnx(ours_path), load_onnx(builder_exports[int4_key] / "model.onnx")
     ours_nodes = {n.name: n for n in nodes_of(ours, "MatMulNBits")}
     their_nodes = {n.name: n for n in nodes_of(theirs, "MatMulNBits")}
     assert len(their_nodes) == 11 and ours_nodes.keys() == their_nodes.keys()  # 2 x (qkv, o, gate, up, down) + lm_head

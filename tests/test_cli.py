@@ -4,9 +4,8 @@ import subprocess
 import sys
 
 import numpy as np
-import onnx
 from onnx import helper
-from onnx_helpers import attrs, make_model, tensor_info
+from onnx_helpers import attrs, load_onnx, make_model, tensor_info
 
 from olive_int4_pass.cli import main
 
@@ -33,14 +32,14 @@ def test_module_entry_point(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("model.onnx")
-    (node,) = onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node
+    (node,) = load_onnx(tmp_path / "out" / "model.onnx").graph.node
     assert attrs(node)["accuracy_level"] == 4
 
 
 def test_options_reach_the_quantizer(tmp_path):
     src = small_model(tmp_path / "in" / "model.onnx")
     assert main(["quantize", str(src), str(tmp_path / "out"), "--bits", "8", "--asymmetric", "--quiet"]) == 0
-    (node,) = onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node
+    (node,) = load_onnx(tmp_path / "out" / "model.onnx").graph.node
     assert attrs(node)["bits"] == 8 and len(node.input) == 4  # zero points
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import onnx
 import pytest
 import yaml
-from onnx_helpers import attrs, initializers, nodes_of
+from onnx_helpers import attrs, initializers, load_onnx, nodes_of
 from tiny_models import BOS, CORPUS, EOS, save_tiny_model
 
-from olive_int4_pass.genai_chat import chat_prompt, generate, load_model
+from olive_int4_pass.genai.chat import chat_prompt, generate, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -224,8 +224,8 @@ def test_tokenizer_files_in_published_form(runs, target):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_matmulnbits_bytes_equal_builder_int4(runs, target):
-    ours = onnx.load(str(package(runs, target) / "model.onnx"))
-    theirs = onnx.load(str(runs["root"] / f"builder-{target}" / "model.onnx"))
+    ours = load_onnx(package(runs, target) / "model.onnx")
+    theirs = load_onnx(runs["root"] / f"builder-{target}" / "model.onnx")
     ours_nodes = {n.name: n for n in nodes_of(ours, "MatMulNBits")}
     their_nodes = {n.name: n for n in nodes_of(theirs, "MatMulNBits")}
     assert len(their_nodes) == 11 and ours_nodes.keys() == their_nodes.keys()

@@ -1,7 +1,6 @@
 """Tied embeddings: one quantized tensor for lm_head and embedding, as the genai builder does; embedding options."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx_helpers import (
     as_package,
@@ -9,12 +8,13 @@ from onnx_helpers import (
     check_numerics,
     genai_greedy,
     initializers,
+    load_onnx,
     nodes_of,
 )
 from test_builder_parity import decoder_logits
 
 from olive_int4_pass.options import QuantizeOptions
-from olive_int4_pass.quantize import quantize_file
+from olive_int4_pass.pipeline import quantize_file
 
 PROMPT = [0, 5, 17, 42, 99, 3, 250, 7]
 CASES = {"cpu": ("fp32-cpu", "int4-cpu", 4), "cuda": ("fp16-cuda", "int4-cuda", None)}
@@ -32,7 +32,7 @@ def test_tied_model_matches_builder_int4(exports, tmp_path, arch, target):
     out = quantize_file(
         built[float_key] / "model.onnx", tmp_path / "ours", QuantizeOptions(accuracy_level=accuracy_level)
     )
-    ours, theirs = onnx.load(str(out)), onnx.load(str(built[int4_key] / "model.onnx"))
+    ours, theirs = load_onnx(out), load_onnx(built[int4_key] / "model.onnx")
     ours_init, their_init = initializers(ours), initializers(theirs)
     for op_type in ("MatMulNBits", "GatherBlockQuantized"):
         mine = {n.name: n for n in nodes_of(ours, op_type)}
@@ -94,7 +94,7 @@ def decoder_feeds(model_path, genai_dir):
 def test_tied_model_options_load_and_match_dequantized_weights(exports, tmp_path, options, expect):
     built = exports("qwen2", tied=True)
     out = quantize_file(built["fp32-cpu"] / "model.onnx", tmp_path / "ours", QuantizeOptions(**options))
-    model = onnx.load(str(out))
+    model = load_onnx(out)
     inits = initializers(model)
     head = next(n for n in model.graph.node if n.output[0] == "logits")
     assert head.op_type == expect["head"]
@@ -118,11 +118,11 @@ def test_untied_embedding_option(exports, tmp_path, embedding):
     built = exports("qwen2", tied=False)
     default = quantize_file(built["fp32-cpu"] / "model.onnx", tmp_path / "default")
     out = quantize_file(built["fp32-cpu"] / "model.onnx", tmp_path / "emb", QuantizeOptions(embedding=embedding))
-    model = onnx.load(str(out))
+    model = load_onnx(out)
     (node,) = nodes_of(model, "GatherBlockQuantized")
     assert attrs(node)["bits"] == int(embedding[-1]) and node.output[0] == "/model/embed_tokens/Gather/output_0"
     assert "model.embed_tokens.weight" not in initializers(model)
-    assert not nodes_of(onnx.load(str(default)), "GatherBlockQuantized")  # off by default
+    assert not nodes_of(load_onnx(default), "GatherBlockQuantized")  # off by default
     assert package_bytes(out.parent) < package_bytes(default.parent)
     check_numerics(out, decoder_feeds(out, built["fp32-cpu"]), rtol=1e-3)
     assert len(genai_greedy(as_package(out.parent, built["fp32-cpu"]), PROMPT, 4)) == 4

@@ -1,12 +1,11 @@
 """A model that did not come from the genai builder: torch.onnx.export of nn.Linear (+bias) layers."""
 
-import onnx
 import pytest
 import torch
-from onnx_helpers import check_numerics, nodes_of
+from onnx_helpers import check_numerics, load_onnx, nodes_of
 
 from olive_int4_pass.options import QuantizeOptions
-from olive_int4_pass.quantize import quantize_file
+from olive_int4_pass.pipeline import quantize_file
 
 
 class Block(torch.nn.Module):
@@ -37,8 +36,8 @@ def test_linear_layers_quantize_and_run(tmp_path, fuse_bias, dynamo):
         Block().eval(), (x,), str(src), input_names=["x"], output_names=["y"], dynamo=dynamo, opset_version=18
     )
     out = quantize_file(src, tmp_path / "out", QuantizeOptions(fuse_bias=fuse_bias), progress=False)
-    model = onnx.load(str(out))
+    model = load_onnx(out)
     assert len(nodes_of(model, "MatMulNBits")) == 4
     assert not nodes_of(model, "Gemm") and len(nodes_of(model, "MatMul")) == 2  # only the attention products remain
-    check_numerics(out, {"x": x.numpy()}, onnx.load(str(src)))
+    check_numerics(out, {"x": x.numpy()}, load_onnx(src))
     assert [o.name for o in model.graph.output] == ["y"]

@@ -48,4 +48,4 @@ def test_wheel_carries_the_hook_and_registers_the_pass(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     location, module_path = result.stdout.split()
     assert location.startswith(str(venv))  # the wheel's copy, not the editable checkout
-    assert module_path == "olive_int4_pass.olive_pass.OnnxInt4RtnQuantization"
+    assert module_path == "olive_int4_pass.olive.quantize_pass.OnnxInt4RtnQuantization"

@@ -1,0 +1,106 @@
+"""Measured sensitivity: how far each group of weights' quantization error moves the model's next-token
+distribution (KL divergence at the logits), measured with onnxruntime on the float model.
+
+The float model runs once on a short calibration sample as is, then once per group with that group's weights
+replaced by their dequantized values. Independent small errors add up in KL, so a group's KL is its share of
+the whole model's loss, measured through everything downstream of it (which a weight-space error cannot see:
+the same relative error costs more in some layers than in others). Groups are the transformer layers (the
+number in the node names, e.g. ``/model/layers.7/attn/qkv_proj/MatMul``); a weight outside any layer (the
+lm_head) is a group of its own. The weights become graph inputs, fed from the model's memory-mapped data, so
+one session serves every group.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+_LAYER = re.compile(r"(?:^|[/._])(?:layers|layer|blocks|block|h)[._]?(\d+)(?=[/._]|$)")
+
+
+def layer_of(node_names: Iterable[str]) -> str | None:
+    """``"layer 7"`` for a weight read by ``/model/layers.7/...`` nodes; None outside a numbered layer."""
+    found = {m.group(1) for name in node_names for m in [_LAYER.search(name)] if m}
+    return f"layer {found.pop()}" if len(found) == 1 else None
+
+
+def group_by_layer(nodes: Mapping[object, Sequence[str]], names: Mapping[object, str]) -> dict[str, list]:
+    """``{group: [keys]}``: one group per layer number, and every weight outside a layer alone."""
+    groups: dict[str, list] = {}
+    for key, node_names in nodes.items():
+        groups.setdefault(layer_of(node_names) or f"weight {names[key]}", []).append(key)
+    return groups
+
+
+class ImpactProbe:
+    """KL(float || float with some weights replaced) on ``token_ids``, one onnxruntime session for all probes.
+
+    ``weights``: ``{initializer name: its float array}`` (memory-mapped arrays are read, never copied); these
+    become graph inputs fed with the original values unless a probe replaces them.
+    """
+
+    def __init__(self, model_path: Path, weights: Mapping[str, np.ndarray], token_ids: Sequence[int]) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        from olive_int4_pass.plan.calibration import _empty_cache_feeds
+
+        model = onnx.load(str(model_path), load_external_data=False)
+        graph = model.graph
+        kept = [init for init in graph.initializer if init.name not in weights]
+        missing = set(weights) - {init.name for init in graph.initializer}
+        if missing:
+            raise ValueError(f"not initializers of {model_path}: {sorted(missing)[:5]}")
+        for init in graph.initializer:
+            if init.name in weights:
+                graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        del model
+        self.weights = {name: np.ascontiguousarray(w) for name, w in weights.items()}
+        ids = np.asarray(token_ids, np.int64)[None, :]
+        self.feeds = {**_empty_cache_feeds(self.session, model_path.parent, weights), "input_ids": ids}
+        if "attention_mask" in self.feeds:
+            self.feeds["attention_mask"] = np.ones_like(ids)
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output = "logits" if "logits" in outputs else outputs[0]
+        self.reference = self._logprobs({})
+        self.probs = np.exp(self.reference)
+
+    def _logprobs(self, replaced: Mapping[str, np.ndarray]) -> np.ndarray:
+        from olive_int4_pass.compare.metrics import log_softmax
+
+        feeds = {**self.feeds, **self.weights, **replaced}
+        logits = self.session.run([self.output], feeds)[0]
+        return log_softmax(np.asarray(logits, np.float32).reshape(-1, logits.shape[-1]))
+
+    def kl(self, replaced: Mapping[str, np.ndarray]) -> float:
+        """Mean KL(reference || model with ``replaced`` weights) per position, in nats."""
+        unknown = set(replaced) - set(self.weights)
+        if unknown:
+            raise ValueError(f"not probed weights: {sorted(unknown)[:5]}")
+        logprobs = self._logprobs(replaced)
+        return float(np.einsum("ij,ij->", self.probs, self.reference - logprobs) / len(logprobs))
+
+
+def measure_groups(
+    probe: ImpactProbe,
+    groups: Mapping[str, Sequence],
+    replacement: Callable[[object], tuple[str, np.ndarray]],
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """``{group: KL}`` with each group's weights replaced by ``replacement(key) -> (name, array)`` in turn."""
+    result = {}
+    for group, keys in groups.items():
+        replaced = dict(replacement(key) for key in keys)
+        result[group] = max(probe.kl(replaced), 0.0)
+        del replaced
+        if progress:
+            progress(group)
+    return result

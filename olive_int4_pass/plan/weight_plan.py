@@ -1,0 +1,265 @@
+"""How each weight is quantized: round to nearest by default; with calibration, importance-weighted scales and
+8 bits for the tensors whose measured error costs the most per byte. Also records per-weight quantization error.
+
+The plan is made before the model is written: candidates come from a dry run of the rewrite rules, activation
+statistics from :mod:`olive_int4_pass.plan.calibration`, sensitivities from one pass over the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+
+import numpy as np
+import onnx_ir as ir
+
+from olive_int4_pass.kernels import streaming_rtn as fast_rtn
+from olive_int4_pass.kernels.rtn import QuantizedWeight, dequantize_blockwise, quantize_blockwise
+from olive_int4_pass.kernels.scale_search import SearchResult, search_scales
+from olive_int4_pass.options import QuantizeOptions
+from olive_int4_pass.plan.sensitivity import ImpactProbe, group_by_layer, measure_groups
+
+logger = logging.getLogger(__name__)
+
+WeightKey = tuple[int, bool]  # (id of the weight value, quantized transposed)
+_ERROR_SAMPLE_ROWS = 256
+
+
+@dataclasses.dataclass
+class Candidate:
+    """A float weight the rules will quantize, the activation it multiplies and the nodes reading it."""
+
+    name: str
+    source: object  # ir.TensorProtocol (memory-mapped when external)
+    transposed: bool
+    activation: str | None
+    nodes: list[str] = dataclasses.field(default_factory=list)
+    min_bits: int = 0  # what the options already impose (lm_head: int8), whatever the budget picks
+
+    def weight(self) -> np.ndarray:
+        source = self.source
+        if isinstance(source, ir.ExternalTensor):
+            # A private map, unmapped once the array is dropped: onnx_ir's own map stays open with the tensor and
+            # keeps every page read through it resident (the whole float model, in the end).
+            shape = tuple(int(d) for d in source.shape)
+            array = np.memmap(source.path, dtype=source.dtype.numpy(), mode="r", offset=source.offset or 0, shape=shape)
+        else:
+            array = source.numpy()
+        return array.T if self.transposed else array
+
+    @property
+    def k(self) -> int:
+        return self.source.shape[0 if not self.transposed else 1]
+
+    @property
+    def n(self) -> int:
+        return self.source.shape[1 if not self.transposed else 0]
+
+
+class QualityPlan:
+    """Per-weight decisions (bits, searched scales) and the measured errors; thread-safe for ``ir.save``."""
+
+    def __init__(self, options: QuantizeOptions) -> None:
+        self.options = options
+        self.importance: dict[str, np.ndarray] = {}
+        self.bits: dict[WeightKey, int] = {}
+        self.searched: dict[tuple[WeightKey, int], SearchResult] = {}
+        self.errors: dict[str, dict] = {}
+        self.group_kl: dict[str, float] = {}  # measured sensitivity, when asked for
+        self._lock = threading.Lock()
+
+    def quantize(self, key: WeightKey, candidate: Candidate, bits: int) -> QuantizedWeight:
+        """Quantize one weight as planned and record its error."""
+        opts = self.options
+        importance = self.importance.get(candidate.activation) if candidate.activation else None
+        cols = _sample_columns(candidate.n)
+        search = None
+        dtype = candidate.source.dtype.numpy()
+        if not opts.scale_search and fast_rtn.applies(
+            dtype, candidate.k, candidate.n, opts.block_size, bits, opts.is_symmetric
+        ):
+            # Round to nearest, streamed: the float weight is read band by band and never held whole.
+            q, sample = fast_rtn.quantize_source(
+                candidate.source,
+                candidate.transposed,
+                block_size=opts.block_size,
+                bits=bits,
+                name=candidate.name,
+                sample_cols=cols,
+            )
+        else:
+            weight = candidate.weight()
+            if opts.scale_search:
+                search = self.searched.get((key, bits)) or self._search(weight, importance, bits)
+            q = self._quantize_with(weight, candidate.name, bits, search)
+            sample = np.asarray(weight[:, cols], np.float32)
+        stats = _error_stats(cols, sample, q, importance)
+        stats.update(bits=bits, nodes=list(candidate.nodes), scale_search=search is not None)
+        with self._lock:
+            self.errors[candidate.name] = stats
+        return q
+
+    def _quantize_with(self, weight: np.ndarray, name: str, bits: int, search: SearchResult | None) -> QuantizedWeight:
+        """Round ``weight`` with the searched scales (and zero points), or to nearest without a search."""
+        return quantize_blockwise(
+            weight,
+            block_size=self.options.block_size,
+            bits=bits,
+            symmetric=self.options.is_symmetric,
+            name=name,
+            scales=None if search is None else search.scales,
+            zero_points=None if search is None else search.zero_points,
+        )
+
+    def _search(self, weight: np.ndarray, importance: np.ndarray | None, bits: int) -> SearchResult:
+        opts = self.options
+        return search_scales(weight, importance, block_size=opts.block_size, bits=bits, symmetric=opts.is_symmetric)
+
+    def choose_bits(
+        self,
+        candidates: dict[WeightKey, Candidate],
+        default_bits: int,
+        fixed_bytes: int = 0,
+        probe: ImpactProbe | None = None,
+    ) -> None:
+        """Measure each candidate at ``default_bits`` and move the costliest-per-byte ones to 8 bits.
+
+        ``fixed_bytes``: the model's other weights (float embedding, norms, biases), which the budget counts too:
+        a budget of 0.03 lets the whole model grow by 3 %. With a ``probe`` (``sensitivity="measured"``) the
+        cost is each layer's measured KL at the logits, shared among its weights by their relative errors.
+        """
+        opts = self.options
+        sensitivity: dict[WeightKey, float] = {}
+        for key, cand in candidates.items():
+            importance = self.importance.get(cand.activation) if cand.activation else None
+            if opts.scale_search:
+                result = self._search(cand.weight(), importance, default_bits)
+                self.searched[(key, default_bits)] = result
+                error = result.weighted_error
+            else:  # the RTN error only
+                result = search_scales(
+                    cand.weight(),
+                    importance,
+                    block_size=opts.block_size,
+                    grid=(1.0,),
+                    refit_steps=0,
+                    bits=default_bits,
+                    symmetric=opts.is_symmetric,
+                )
+                error = result.rtn_weighted_error
+            sensitivity[key] = error / max(result.weighted_energy, 1e-30)
+        if probe is not None:
+            sensitivity = self._measured(candidates, sensitivity, default_bits, probe)
+
+        def size(c: Candidate, bits: int, symmetric: bool = opts.is_symmetric) -> int:
+            return quantized_bytes(c.k, c.n, opts.block_size, bits, c.source.dtype.itemsize, symmetric)
+
+        # The budget is growth over the plain symmetric INT4 model (the reference layout): zero points, and the
+        # tensors the options already put at 8 bits (lm_head: int8), are paid for out of it first.
+        plain = {key: size(c, default_bits, True) for key, c in candidates.items()}
+        sizes = {key: size(c, default_bits) for key, c in candidates.items()}
+        extra = {key: size(c, 8) - sizes[key] for key, c in candidates.items()}
+        imposed = {key for key, c in candidates.items() if c.min_bits >= 8}
+        prepaid = sum(extra[key] for key in imposed) + sum(sizes.values()) - sum(plain.values())
+        upgraded = choose_upgrades(
+            {k: v for k, v in sensitivity.items() if k not in imposed},
+            plain,
+            opts.mixed_precision_budget,
+            extra,
+            fixed_bytes,
+            prepaid=prepaid,
+        )
+        for key in upgraded:
+            self.bits[key] = 8
+        if upgraded:
+            names = ", ".join(sorted(candidates[k].name for k in upgraded))
+            added = sum(extra[k] for k in upgraded)
+            logger.info("Mixed precision: %d weights at 8 bits (+%.1f MB): %s", len(upgraded), added / 1e6, names)
+
+    def _measured(
+        self, candidates: dict[WeightKey, Candidate], relative: dict[WeightKey, float], bits: int, probe: ImpactProbe
+    ) -> dict[WeightKey, float]:
+        """Each layer's measured KL, shared among its weights in proportion to their relative errors."""
+
+        def replacement(key: WeightKey) -> tuple[str, np.ndarray]:
+            cand = candidates[key]
+            q = self._quantize_with(cand.weight(), cand.name, bits, self.searched.get((key, bits)))
+            w = dequantize_blockwise(q).astype(cand.source.dtype.numpy())
+            return cand.name, np.ascontiguousarray(w.T if cand.transposed else w)
+
+        groups = group_by_layer({k: c.nodes for k, c in candidates.items()}, {k: c.name for k, c in candidates.items()})
+        kl = measure_groups(probe, groups, replacement)
+        worst = sorted(kl.items(), key=lambda kv: -kv[1])[:5]
+        logger.info("Measured KL by group (largest): %s", ", ".join(f"{g} {v:.2e}" for g, v in worst))
+        self.group_kl = kl
+        sensitivity = {}
+        for group, keys in groups.items():
+            total = sum(relative[k] for k in keys)
+            for k in keys:
+                sensitivity[k] = kl[group] * (relative[k] / total if total > 0 else 1.0 / len(keys))
+        return sensitivity
+
+
+def choose_upgrades(
+    sensitivity: dict,
+    sizes: dict,
+    budget: float | None,
+    extra: dict | None = None,
+    fixed_bytes: int = 0,
+    *,
+    prepaid: float = 0.0,
+) -> list:
+    """Greedy knapsack: highest relative error per extra byte first, while the extra bytes fit the budget.
+
+    ``sizes``: each tensor's bytes in the plain model the budget is relative to; ``extra``: what 8 bits add to
+    it (default: as many bytes again); ``budget``: the allowed growth of the model, whose bytes are ``sizes`` plus
+    ``fixed_bytes`` (0.15 = 15 %);
+    ``prepaid``: growth already spent (tensors the options put at 8 bits).
+    """
+    if not budget:
+        return []
+    extra = extra if extra is not None else dict(sizes)
+    allowance = budget * (sum(sizes.values()) + fixed_bytes)
+    chosen, spent = [], float(prepaid)
+    if spent > allowance:
+        logger.info("Mixed precision: zero points and imposed 8-bit tensors already exceed the budget")
+    for key in sorted(sensitivity, key=lambda k: sensitivity[k] / max(extra[k], 1), reverse=True):
+        if extra[key] > 0 and spent + extra[key] <= allowance:
+            chosen.append(key)
+            spent += extra[key]
+    return chosen
+
+
+def quantized_bytes(k: int, n: int, block_size: int, bits: int, scale_itemsize: int, symmetric: bool = True) -> int:
+    """Bytes of a MatMulNBits weight: packed levels, scales and (asymmetric) packed zero points."""
+    n_blocks = -(-k // block_size)
+    zero_points = 0 if symmetric else n * (-(-n_blocks * bits // 8))
+    return n * n_blocks * (block_size * bits // 8 + scale_itemsize) + zero_points
+
+
+def _sample_columns(n: int) -> np.ndarray:
+    """Evenly spaced output channels on which the error is measured."""
+    return np.unique(np.linspace(0, n - 1, min(_ERROR_SAMPLE_ROWS, n)).astype(int))
+
+
+def _error_stats(cols: np.ndarray, w: np.ndarray, q: QuantizedWeight, importance: np.ndarray | None) -> dict:
+    """Relative error of the dequantized weight (and importance-weighted) on output channels ``cols``.
+
+    ``w`` is the float weight's float32 ``W[:, cols]``.
+    """
+    sample = QuantizedWeight(
+        q.packed[cols],
+        q.scales[cols],
+        None if q.zero_points is None else q.zero_points[cols],
+        q.k,
+        len(cols),
+        q.block_size,
+        q.bits,
+    )
+    diff2 = (dequantize_blockwise(sample) - w) ** 2
+    stats = {"relative_error": float(np.sqrt(diff2.sum() / max(float((w**2).sum()), 1e-30)))}
+    if importance is not None:
+        imp = np.asarray(importance, np.float32)[:, None]
+        stats["weighted_relative_error"] = float(np.sqrt((imp * diff2).sum() / max(float((imp * w**2).sum()), 1e-30)))
+    return stats
