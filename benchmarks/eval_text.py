@@ -1,4 +1,4 @@
-"""Write the longer evaluation text the README's real-model table was scored on (about 10k Qwen2.5 tokens).
+"""Write the longer evaluation text the real-model table in docs/results.md was scored on (about 10k Qwen2.5 tokens).
 
     python benchmarks/eval_text.py eval.txt
     olive-int4 compare HF_DIR --text eval.txt --max-tokens 10000 ...

@@ -235,8 +235,9 @@ def _run_ours(model: Path, out: Path) -> None:
 def _run_ours_in_memory(model: Path, out: Path) -> None:
     import onnx_ir as ir
 
+    from olive_int4_pass.model_io import load_checked, save_atomically
     from olive_int4_pass.options import QuantizeOptions
-    from olive_int4_pass.pipeline import load_checked, quantize_model, save_atomically
+    from olive_int4_pass.pipeline import quantize_model
 
     loaded = load_checked(model)
     ir.external_data.load_to_model(loaded)

@@ -6,13 +6,8 @@ import argparse
 import logging
 import sys
 
-from olive_int4_pass.options import (
-    EMBEDDING_CHOICES,
-    LM_HEAD_CHOICES,
-    QUALITY_PRESETS,
-    SENSITIVITY_CHOICES,
-    QuantizeOptions,
-)
+from olive_int4_pass import options as schema
+from olive_int4_pass.options import QuantizeOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,28 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = commands.add_parser("quantize", help="quantize an ONNX model's MatMuls to MatMulNBits")
     q.add_argument("input", help="input .onnx file (or a folder holding exactly one)")
     q.add_argument("output_dir", help="folder to write model.onnx + model.onnx.data into")
-    q.add_argument("--block-size", type=int, default=32, help="values per block along K (power of two >= 16)")
-    q.add_argument("--bits", type=int, default=4, choices=(4, 8))
-    symmetry = q.add_mutually_exclusive_group()
-    symmetry.add_argument("--asymmetric", action="store_true", help="uint4 with zero points instead of symmetric")
-    symmetry.add_argument("--symmetric", action="store_true", help="symmetric even where a --quality preset is not")
-    q.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level (4 for CPU)")
-    q.add_argument("--include", action="append", default=None, metavar="PATTERN", help="only these node names/globs")
-    q.add_argument("--exclude", action="append", default=None, metavar="PATTERN", help="skip these node names/globs")
-    q.add_argument("--lm-head", choices=LM_HEAD_CHOICES, default="quantize", help="final projection handling")
-    q.add_argument("--fuse-bias", action="store_true", help="fold Add(MatMul, b) into MatMulNBits' bias")
-    q.add_argument("--no-tied-embeddings", action="store_true", help="keep a float table for a tied embedding")
-    q.add_argument("--embedding", choices=EMBEDDING_CHOICES, default="float", help="untied embedding table")
-    q.add_argument("--quality", choices=sorted(QUALITY_PRESETS), default=None, help="calibrated quality preset")
-    q.add_argument("--calibration", default=None, help="calibration text file, or 'default' (built-in passage)")
-    q.add_argument("--scale-search", action="store_true", default=None, help="importance-weighted scale search")
-    q.add_argument("--mixed-precision-budget", type=float, default=None, help="8-bit budget, e.g. 0.15 = +15%%")
-    q.add_argument(
-        "--sensitivity",
-        choices=SENSITIVITY_CHOICES,
-        default=None,
-        help="rank weights for 8 bits by relative error, or by each layer's KL measured on the float model",
-    )
+    add_option_arguments(q)
     q.add_argument("--single-file", action="store_true", help="no external data file (models under 1 GB)")
     q.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     _add_compare_parser(commands)
@@ -52,6 +26,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("chat_args", nargs=argparse.REMAINDER, help="see `olive-int4 chat --help`")
     return parser
+
+
+def add_option_arguments(parser: argparse.ArgumentParser) -> None:
+    """One argument per :class:`QuantizeOptions` field, derived from the schema (unset when not given)."""
+    group = parser.add_argument_group("quantization options (docs/options.md)")
+    for field in schema.fields():
+        kind, flags = schema.value_type(field), schema.cli_flags(field)
+        help_text = field.metadata["help"].replace("%", "%%")
+        if kind is bool:
+            pair = group.add_mutually_exclusive_group()
+            pair.add_argument(flags[0], dest=field.name, action="store_const", const=True, help=help_text)
+            pair.add_argument(flags[1], dest=field.name, action="store_const", const=False, help=f"not {flags[0]}")
+        elif kind is list:
+            group.add_argument(*flags, dest=field.name, action="append", metavar="PATTERN", help=help_text)
+        else:
+            # Text choices are checked here; numbers by the schema, whose message names the allowed values.
+            choices = field.metadata["choices"] if kind is str else None
+            group.add_argument(*flags, dest=field.name, type=kind, choices=choices, help=help_text)
+        group.set_defaults(**{field.name: None})
+
+
+def options_from_args(args: argparse.Namespace) -> QuantizeOptions:
+    """The options given on the command line; the ones not given keep their defaults."""
+    given = {f.name: getattr(args, f.name) for f in schema.fields() if getattr(args, f.name) is not None}
+    return QuantizeOptions(**given)
 
 
 def _add_compare_parser(commands) -> None:
@@ -116,23 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 def _quantize(args: argparse.Namespace) -> int:
     from olive_int4_pass.pipeline import DATA_NAME, quantize_file
 
-    options = QuantizeOptions(
-        block_size=args.block_size,
-        bits=args.bits,
-        is_symmetric=False if args.asymmetric else (True if args.symmetric else None),
-        accuracy_level=args.accuracy_level,
-        nodes_to_include=args.include,
-        nodes_to_exclude=args.exclude,
-        lm_head=args.lm_head,
-        fuse_bias=args.fuse_bias,
-        tied_embeddings=not args.no_tied_embeddings,
-        embedding=args.embedding,
-        quality=args.quality,
-        calibration=args.calibration,
-        scale_search=args.scale_search,
-        mixed_precision_budget=args.mixed_precision_budget,
-        sensitivity=args.sensitivity,
-    )
+    options = options_from_args(args)
     path = quantize_file(
         args.input,
         args.output_dir,

@@ -1,10 +1,21 @@
-"""User-facing quantization options, validated once and shared by the rewrite rules, the CLI and the Olive pass."""
+"""The option schema: every quantization option declared once, with its type, default, choices and help.
+
+:class:`QuantizeOptions` is the one place an option is written. The Olive pass's parameters
+(:mod:`olive_int4_pass.olive.quantize_pass`), the ``olive-int4 quantize`` arguments (:mod:`olive_int4_pass.cli`)
+and the options table in ``docs/options.md`` (:func:`markdown_table`) are all derived from its fields.
+
+An option left at ``None`` is *unset*: a ``quality`` preset fills it, else it takes the documented default. An
+option set explicitly always wins over the preset.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
+import typing
 from collections.abc import Sequence
+from typing import Any
 
 from olive_int4_pass.kernels.rtn import validate_bits, validate_block_size
 
@@ -13,8 +24,8 @@ EMBEDDING_CHOICES = ("float", "int4", "int8")
 SENSITIVITY_CHOICES = ("error", "measured")
 # Named quality presets: option values applied where the user left the option unset. Both calibrate on the built-in
 # text by default; the budget is the whole model's growth over plain INT4, an lm_head at 8 bits included. Measured
-# on a real 1.5B model (README, 9,955 tokens): see "Measured on a real model".
-QUALITY_PRESETS = {
+# on a real 1.5B model: docs/results.md.
+QUALITY_PRESETS: dict[str, dict[str, Any]] = {
     "balanced": {"scale_search": True, "mixed_precision_budget": 0.03, "sensitivity": "error", "is_symmetric": False},
     "max": {
         "scale_search": True,
@@ -24,102 +35,159 @@ QUALITY_PRESETS = {
         "is_symmetric": False,
     },
 }
+# What an unset option resolves to when no preset sets it.
+_UNSET_DEFAULTS = {"is_symmetric": True, "lm_head": "quantize", "scale_search": False, "sensitivity": "error"}
+DEFAULT_CALIBRATION = "default"
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[Any] | None = None,
+    flags: Sequence[str] | None = None,
+    shown_default: str | None = None,
+) -> Any:
+    """A :class:`QuantizeOptions` field and its documentation.
+
+    ``flags``: command-line spellings when the derived ``--field-name`` does not fit (a boolean takes two: the
+    true and the false spelling; a list takes one, repeated). ``shown_default``: the default as the docs state it,
+    for options whose ``None`` means "from the preset, else ...".
+    """
+    metadata = {"help": help, "choices": tuple(choices) if choices else None, "flags": flags}
+    metadata["shown_default"] = shown_default
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeOptions:
-    """What to quantize and how.
+    """What to quantize and how. The defaults give the onnxruntime-genai builder's ``-p int4`` bytes."""
 
-    ``lm_head`` decides the final projection (a MatMul/Gemm whose output is a graph output): ``quantize`` like
-    every other MatMul, ``int8`` at 8 bits, or ``float`` to leave it untouched. ``fuse_bias`` folds
-    ``Add(MatMul(X, W), b)`` into MatMulNBits' bias input; it is off by default because the genai builder keeps
-    the Add (same graph as the reference) and not every execution provider's MatMulNBits takes a bias.
-
-    ``tied_embeddings``: when the embedding ``Gather`` reads ``Transpose(W)`` of a quantized lm_head weight ``W``,
-    feed it the same packed tensor through ``GatherBlockQuantized`` (the builder's layout) instead of keeping a
-    float copy. ``embedding`` quantizes an untied (or float-lm_head) embedding table itself: ``float`` (default,
-    the published layout), ``int4`` or ``int8``.
-
-    Quality (opt-in; the default output stays byte-identical to the reference RTN): ``calibration`` is a text
-    file (or ``"default"``, a built-in passage) run through the float model to measure each MatMul input's
-    per-channel second moment; ``scale_search`` picks each block's scale (and clip) to minimise the error weighted
-    by those moments; ``mixed_precision_budget`` lets the whole model grow by that fraction (0.15 = +15 %) to store
-    the tensors with the largest error per byte at 8 bits, ranked by ``sensitivity``: ``error`` (each weight's
-    importance-weighted relative error) or ``measured`` (each layer's KL at the logits on the float model, see
-    :mod:`olive_int4_pass.plan.sensitivity`). ``quality`` names a preset of these (see ``QUALITY_PRESETS``):
-    ``balanced`` (asymmetric, search, +3 % in all) or ``max`` (asymmetric, search, the lm_head at 8 bits, measured
-    sensitivity, +13.5 % in all); explicit options override the preset (``max`` leaves an ``lm_head`` of
-    ``float`` or ``int8`` as it is, ``is_symmetric=True`` stays symmetric).
-    """
-
-    block_size: int = 32
-    bits: int = 4
-    is_symmetric: bool | None = None  # True unless a preset says otherwise
-    accuracy_level: int | None = None
-    nodes_to_include: Sequence[str] | None = None
-    nodes_to_exclude: Sequence[str] | None = None
-    lm_head: str = "quantize"
-    fuse_bias: bool = False
-    tied_embeddings: bool = True
-    embedding: str = "float"
-    quality: str | None = None
-    calibration: str | None = None
-    calibration_tokens: int = 2048
-    scale_search: bool | None = None
-    mixed_precision_budget: float | None = None
-    sensitivity: str | None = None  # "error" unless a preset says otherwise
-    sensitivity_tokens: int = 256
+    block_size: int = option(
+        32,
+        "Values per quantization block along K: a power of two from 16 to 256 (the range onnxruntime's MatMulNBits"
+        " kernel runs). K that is not a multiple is padded as onnxruntime does.",
+        choices=(16, 32, 64, 128, 256),
+    )
+    bits: int = option(4, "Bits per weight: 4, or 8 (MatMulNBits bits=8).", choices=(4, 8))
+    is_symmetric: bool | None = option(
+        None,
+        "Symmetric: signed scale = value of largest magnitude / -8, levels stored +8, no zero points (the"
+        " reference's layout). Asymmetric (false): uint4 with packed zero points. Unset: symmetric, or what the"
+        " quality preset says (asymmetric for both presets).",
+        flags=("--symmetric", "--asymmetric"),
+        shown_default="symmetric",
+    )
+    accuracy_level: int | None = option(
+        None,
+        "MatMulNBits accuracy_level attribute. Unset omits it, as the builder does for CUDA; 4 (int8 compute) is what"
+        " the builder writes for CPU.",
+        choices=(0, 1, 2, 3, 4),
+    )
+    nodes_to_include: Sequence[str] | None = option(
+        None, "Only quantize nodes whose name matches one of these exact names or glob patterns.", flags=("--include",)
+    )
+    nodes_to_exclude: Sequence[str] | None = option(
+        None, "Never quantize nodes whose name matches one of these exact names or glob patterns.", flags=("--exclude",)
+    )
+    lm_head: str | None = option(
+        None,
+        "The final projection (a MatMul/Gemm producing a graph output): 'quantize' like every other MatMul, 'int8'"
+        " at 8 bits, or 'float' left unquantized. Unset: 'quantize', or 'int8' under quality 'max'.",
+        choices=LM_HEAD_CHOICES,
+        shown_default="quantize",
+    )
+    fuse_bias: bool = option(
+        False,
+        "Fold Add(MatMul(X, W), b) into MatMulNBits' bias input. Off by default: the builder keeps the Add, and not"
+        " every execution provider's MatMulNBits takes a bias (the CPU one is verified).",
+    )
+    tied_embeddings: bool = option(
+        True,
+        "When the embedding Gather reads Transpose(W) of the quantized lm_head weight W (tied embeddings), feed it the"
+        " same packed tensor through GatherBlockQuantized, as the builder does, instead of keeping a float copy.",
+    )
+    embedding: str = option(
+        "float",
+        "An embedding table not shared with a quantized lm_head: 'float' (the published layout), 'int4' or 'int8'"
+        " (GatherBlockQuantized).",
+        choices=EMBEDDING_CHOICES,
+    )
+    quality: str | None = option(
+        None,
+        "Opt-in quality preset. 'balanced': calibrated importance-weighted scale search, asymmetric, 8-bit tensors"
+        " where they cost the most, the model at most +3 % bytes over plain INT4. 'max': the same with the lm_head"
+        " at 8 bits and the 8-bit weights ranked by measured sensitivity, at most +13.5 %. Unset: plain RTN,"
+        " byte-identical to the reference. Options set explicitly override the preset.",
+        choices=tuple(QUALITY_PRESETS),
+    )
+    calibration: str | None = option(
+        None,
+        "Calibration text file, or 'default' (built in: 2,048 tokens of prose and Python code), run through the float"
+        " model to weigh each MatMul input channel by its E[x^2]. Needs tokenizer.json and genai_config.json beside"
+        " the model. Unset: 'default' under a quality preset, else no calibration.",
+    )
+    calibration_tokens: int = option(2048, "At most this many calibration tokens are used (at least 16).")
+    scale_search: bool | None = option(
+        None,
+        "Search each block's scale (and clip) for the least importance-weighted error; rounding stays to nearest."
+        " Symmetric: shrunk ranges and the flipped sign, the winner refitted by least squares; asymmetric: the range"
+        " over 12-16 steps, each refitted. Unset: off, or on under a quality preset.",
+        shown_default="off",
+    )
+    mixed_precision_budget: float | None = option(
+        None,
+        "Allowed growth of the whole model's weights over plain symmetric INT4 (0.03 = +3 %), spent on 8-bit tensors"
+        " with the largest measured error per byte; zero points and an lm_head at int8 are paid for first.",
+    )
+    sensitivity: str | None = option(
+        None,
+        "How mixed precision ranks weights: 'error' = each weight's importance-weighted relative error; 'measured' ="
+        " each transformer layer's KL at the logits with that layer quantized, measured on the float model and shared"
+        " among its weights by relative error. Unset: 'error', or the preset's.",
+        choices=SENSITIVITY_CHOICES,
+        shown_default="error",
+    )
+    sensitivity_tokens: int = option(256, "Calibration tokens each 'measured' sensitivity run scores (at least 16).")
 
     def __post_init__(self) -> None:
+        _check_types(self)
         validate_block_size(self.block_size)
         validate_bits(self.bits)
-        if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise ValueError(f"accuracy_level must be 0..4 or unset, got {self.accuracy_level!r}")
-        if self.lm_head not in LM_HEAD_CHOICES:
-            raise ValueError(f"lm_head must be one of {LM_HEAD_CHOICES}, got {self.lm_head!r}")
-        if self.embedding not in EMBEDDING_CHOICES:
-            raise ValueError(f"embedding must be one of {EMBEDDING_CHOICES}, got {self.embedding!r}")
+        for field in fields():
+            choices = field.metadata["choices"]
+            value = getattr(self, field.name)
+            if choices and value is not None and value not in choices:
+                raise ValueError(f"{field.name} must be one of {list(choices)} or unset, got {value!r}")
         self._resolve_quality()
-        if not isinstance(self.is_symmetric, bool):
-            raise TypeError(f"is_symmetric must be a bool, got {self.is_symmetric!r}")
         for field in ("nodes_to_include", "nodes_to_exclude"):
             value = getattr(self, field)
-            if value is None:
-                continue
-            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-                raise TypeError(f"{field} must be a list of node names or glob patterns, got {value!r}")
-            object.__setattr__(self, field, tuple(value))
+            if value is not None:
+                object.__setattr__(self, field, tuple(value))
 
     def _resolve_quality(self) -> None:
-        if self.quality is not None:
-            if self.quality not in QUALITY_PRESETS:
-                raise ValueError(f"quality must be one of {sorted(QUALITY_PRESETS)} or unset, got {self.quality!r}")
-            for field, value in QUALITY_PRESETS[self.quality].items():
-                unset = "quantize" if field == "lm_head" else None  # an explicit lm_head int8/float stays
-                if getattr(self, field) == unset:
-                    object.__setattr__(self, field, value)
-            if self.calibration is None:
-                object.__setattr__(self, "calibration", "default")
-        object.__setattr__(self, "scale_search", bool(self.scale_search))
-        if self.sensitivity is None:
-            object.__setattr__(self, "sensitivity", "error")
-        if self.is_symmetric is None:
-            object.__setattr__(self, "is_symmetric", True)
+        preset = QUALITY_PRESETS.get(self.quality, {}) if self.quality else {}
+        for name, value in {**_UNSET_DEFAULTS, **preset}.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if self.quality and self.calibration is None:
+            object.__setattr__(self, "calibration", DEFAULT_CALIBRATION)
         budget = self.mixed_precision_budget
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0):
-            raise ValueError(f"mixed_precision_budget must be a fraction >= 0 (0.15 = +15 %), got {budget!r}")
+        if budget is not None and not (math.isfinite(budget) and budget >= 0):
+            raise ValueError(f"mixed_precision_budget must be a finite fraction >= 0 (0.15 = +15 %), got {budget!r}")
         if (self.scale_search or budget) and self.calibration is None:
             raise ValueError("scale_search and mixed_precision_budget need calibration (a text file or 'default')")
-        if self.sensitivity not in SENSITIVITY_CHOICES:
-            raise ValueError(f"sensitivity must be one of {SENSITIVITY_CHOICES}, got {self.sensitivity!r}")
-        if isinstance(self.sensitivity_tokens, bool) or not isinstance(self.sensitivity_tokens, int):
-            raise TypeError(f"sensitivity_tokens must be an int, got {self.sensitivity_tokens!r}")
-        if self.sensitivity_tokens < 16:
-            raise ValueError(f"sensitivity_tokens must be >= 16, got {self.sensitivity_tokens}")
+        for name in ("calibration_tokens", "sensitivity_tokens"):
+            if getattr(self, name) < 16:
+                raise ValueError(f"{name} must be >= 16, got {getattr(self, name)}")
         if self.sensitivity == "measured" and not budget:
             raise ValueError("sensitivity='measured' ranks weights for mixed precision: set mixed_precision_budget")
-        if self.calibration_tokens < 16:
-            raise ValueError(f"calibration_tokens must be >= 16, got {self.calibration_tokens}")
+
+    @classmethod
+    def from_mapping(cls, values: typing.Mapping[str, Any]) -> QuantizeOptions:
+        """Options from any mapping or object holding (at least) the option names, e.g. an Olive pass config."""
+        get = values.get if isinstance(values, typing.Mapping) else lambda name, default: getattr(values, name, default)
+        return cls(**{f.name: get(f.name, f.default) for f in fields()})
 
     @property
     def calibrated(self) -> bool:
@@ -134,5 +202,104 @@ class QuantizeOptions:
         return True, ""
 
 
+def fields() -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(QuantizeOptions)
+
+
+def value_type(field: dataclasses.Field) -> type:
+    """The field's value type without ``None``: ``int``, ``bool``, ``float``, ``str`` or ``list`` (of str)."""
+    hint = typing.get_type_hints(QuantizeOptions)[field.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    base = typing.get_origin(args[0]) or args[0]
+    return list if base in (Sequence, list, tuple) else base
+
+
+def cli_flags(field: dataclasses.Field) -> tuple[str, ...]:
+    """The command-line spelling(s): ``--block-size``; a boolean's true and false flags."""
+    if field.metadata["flags"]:
+        return tuple(field.metadata["flags"])
+    flag = "--" + field.name.replace("_", "-")
+    if value_type(field) is bool:
+        return (flag, "--no-" + field.name.replace("_", "-"))
+    return (flag,)
+
+
+def shown_default(field: dataclasses.Field) -> str:
+    if field.metadata["shown_default"]:
+        return field.metadata["shown_default"]
+    if field.default is None:
+        return "unset"
+    return str(field.default).lower() if isinstance(field.default, bool) else str(field.default)
+
+
+def markdown_table() -> str:
+    """The options table of ``docs/options.md``: option, command-line flag, default, choices, meaning."""
+    rows = ["| option | command line | default | values | meaning |", "|---|---|---|---|---|"]
+    for field in fields():
+        kind = value_type(field)
+        choices = field.metadata["choices"]
+        if choices:
+            values = ", ".join(f"`{c}`" for c in choices)
+        else:
+            values = {bool: "true / false", list: "list of names or globs", float: "number", int: "integer"}.get(
+                kind, "text"
+            )
+        flags = " / ".join(f"`{f}`" for f in cli_flags(field))
+        help_text = field.metadata["help"].replace("|", "\\|")
+        rows.append(f"| `{field.name}` | {flags} | {shown_default(field)} | {values} | {help_text} |")
+    return "\n".join(rows) + "\n"
+
+
+def _check_types(options: QuantizeOptions) -> None:
+    for field in fields():
+        value = getattr(options, field.name)
+        if value is None:
+            continue
+        kind = value_type(field)
+        if kind is list:
+            ok = (
+                not isinstance(value, (str, bytes))
+                and isinstance(value, Sequence)
+                and all(isinstance(v, str) for v in value)
+            )
+            what = "a list of node names or glob patterns"
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            what = "a number"
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            what = "an int"
+        else:
+            ok = isinstance(value, kind)
+            what = f"a {kind.__name__}"
+        if not ok:
+            raise TypeError(f"{field.name} must be {what}, got {value!r}")
+
+
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+TABLE_BEGIN = "<!-- options table: generated by `python -m olive_int4_pass.options docs/options.md`; do not edit -->"
+TABLE_END = "<!-- end of options table -->"
+
+
+def render_docs(text: str) -> str:
+    """``text`` (docs/options.md) with the generated tables between the markers replaced by fresh ones."""
+    if TABLE_BEGIN not in text or TABLE_END not in text:
+        raise ValueError("the options page lacks the generated-table markers")
+    from olive_int4_pass.olive.quantize_pass import olive_only_table  # imports Olive: only for the docs
+
+    head, rest = text.split(TABLE_BEGIN, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    tables = f"{markdown_table()}\nOnly in Olive workflows (the Olive pass's own parameters):\n\n{olive_only_table()}"
+    return f"{head}{TABLE_BEGIN}\n{tables}{TABLE_END}{tail}"
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    page = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/options.md")
+    page.write_text(render_docs(page.read_text(encoding="utf-8")), encoding="utf-8")
+    print(f"wrote {page}")

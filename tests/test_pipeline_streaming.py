@@ -19,8 +19,9 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+from olive_int4_pass.model_io import DATA_NAME, MODEL_NAME, load_checked, save_atomically
 from olive_int4_pass.options import QuantizeOptions
-from olive_int4_pass.pipeline import DATA_NAME, MODEL_NAME, load_checked, quantize_file, quantize_model, save_atomically
+from olive_int4_pass.pipeline import quantize_file, quantize_model
 
 
 def _load_bench():

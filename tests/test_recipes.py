@@ -307,7 +307,7 @@ def test_olive_cli_test_flag_is_broken_upstream(runs):
     """Olive 0.13's ``run --test`` appends OnnxDiscrepancyCheck, which cannot read genai 0.18 decoders' KV dims.
 
     Olive then logs the KeyError and exits 0 with no model. When this test fails, upstream has changed: check
-    the README's note on --test.
+    docs/upstream.md's note on --test.
     """
     result = runs["results"]["cli-test"]
     assert result["rc"] == 0

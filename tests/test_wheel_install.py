@@ -1,5 +1,6 @@
 """A regular (non-editable) wheel install registers the pass too: the .pth hook ships inside the wheel."""
 
+import os
 import site
 import subprocess
 import sys
@@ -44,7 +45,8 @@ def test_wheel_carries_the_hook_and_registers_the_pass(tmp_path):
         "print(olive_int4_pass.__file__);"
         "print(C.load_default_config().get_pass_module_config('OnnxInt4RtnQuantization').module_path)"
     )
-    result = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing but the wheel may provide the package
+    result = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     location, module_path = result.stdout.split()
     assert location.startswith(str(venv))  # the wheel's copy, not the editable checkout

@@ -5,8 +5,8 @@ Two things make quantizing a 7B-class model fast and flat in memory:
 1. A symmetric round-to-nearest kernel in torch (installed with olive-ai). The weight is cut into tiles of whole
    blocks that stay in cache; the fp16 -> fp32 widening, the block extremes, the scale rounding and
    ``clamp(floor(fl(fl(v * (1/scale)) + mid) + 0.5))`` run vectorised, 3-5x faster than onnxruntime's
-   ``quantize_matmul_4bits`` and with the same bytes (``tests/test_fast_rtn.py``). ``floor(x + 0.5)`` equals C
-   ``roundf`` for these ``x``: the sum can only round for ``x`` just under 0.5, and such an ``x`` is
+   ``quantize_matmul_4bits`` and with the same bytes (``tests/kernels/test_streaming_rtn.py``). ``floor(x + 0.5)``
+   equals C ``roundf`` for these ``x``: the sum can only round for ``x`` just under 0.5, and such an ``x`` is
    ``fl(p + mid)`` with ``|p|`` near ``mid``, a multiple of ``2**-21``, so the sum is exact. With a zero point ``p``
    alone may sit just under 0.5, which is why asymmetric quantization keeps the reference path. NaN/Inf show up as
    non-finite block extremes: the finiteness check costs nothing.
@@ -148,7 +148,7 @@ def _shared_pool(workers: int) -> ThreadPoolExecutor:
     global _pool
     with _threads_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fast_rtn")
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="streaming_rtn")
         return _pool
 
 

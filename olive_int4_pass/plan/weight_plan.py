@@ -1,60 +1,28 @@
 """How each weight is quantized: round to nearest by default; with calibration, importance-weighted scales and
 8 bits for the tensors whose measured error costs the most per byte. Also records per-weight quantization error.
 
-The plan is made before the model is written: candidates come from a dry run of the rewrite rules, activation
-statistics from :mod:`olive_int4_pass.plan.calibration`, sensitivities from one pass over the weights.
+The plan is made before the model is written: candidates come from :mod:`olive_int4_pass.plan.candidates`,
+activation statistics from :mod:`olive_int4_pass.plan.calibration`, sensitivities from one pass over the weights.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 
 import numpy as np
-import onnx_ir as ir
 
-from olive_int4_pass.kernels import streaming_rtn as fast_rtn
+from olive_int4_pass.kernels import streaming_rtn
+from olive_int4_pass.kernels.layout import quantized_bytes
 from olive_int4_pass.kernels.rtn import QuantizedWeight, dequantize_blockwise, quantize_blockwise
 from olive_int4_pass.kernels.scale_search import SearchResult, search_scales
 from olive_int4_pass.options import QuantizeOptions
+from olive_int4_pass.plan.candidates import Candidate, WeightKey
 from olive_int4_pass.plan.sensitivity import ImpactProbe, group_by_layer, measure_groups
 
 logger = logging.getLogger(__name__)
 
-WeightKey = tuple[int, bool]  # (id of the weight value, quantized transposed)
 _ERROR_SAMPLE_ROWS = 256
-
-
-@dataclasses.dataclass
-class Candidate:
-    """A float weight the rules will quantize, the activation it multiplies and the nodes reading it."""
-
-    name: str
-    source: object  # ir.TensorProtocol (memory-mapped when external)
-    transposed: bool
-    activation: str | None
-    nodes: list[str] = dataclasses.field(default_factory=list)
-    min_bits: int = 0  # what the options already impose (lm_head: int8), whatever the budget picks
-
-    def weight(self) -> np.ndarray:
-        source = self.source
-        if isinstance(source, ir.ExternalTensor):
-            # A private map, unmapped once the array is dropped: onnx_ir's own map stays open with the tensor and
-            # keeps every page read through it resident (the whole float model, in the end).
-            shape = tuple(int(d) for d in source.shape)
-            array = np.memmap(source.path, dtype=source.dtype.numpy(), mode="r", offset=source.offset or 0, shape=shape)
-        else:
-            array = source.numpy()
-        return array.T if self.transposed else array
-
-    @property
-    def k(self) -> int:
-        return self.source.shape[0 if not self.transposed else 1]
-
-    @property
-    def n(self) -> int:
-        return self.source.shape[1 if not self.transposed else 0]
 
 
 class QualityPlan:
@@ -76,11 +44,11 @@ class QualityPlan:
         cols = _sample_columns(candidate.n)
         search = None
         dtype = candidate.source.dtype.numpy()
-        if not opts.scale_search and fast_rtn.applies(
+        if not opts.scale_search and streaming_rtn.applies(
             dtype, candidate.k, candidate.n, opts.block_size, bits, opts.is_symmetric
         ):
             # Round to nearest, streamed: the float weight is read band by band and never held whole.
-            q, sample = fast_rtn.quantize_source(
+            q, sample = streaming_rtn.quantize_source(
                 candidate.source,
                 candidate.transposed,
                 block_size=opts.block_size,
@@ -229,13 +197,6 @@ def choose_upgrades(
             chosen.append(key)
             spent += extra[key]
     return chosen
-
-
-def quantized_bytes(k: int, n: int, block_size: int, bits: int, scale_itemsize: int, symmetric: bool = True) -> int:
-    """Bytes of a MatMulNBits weight: packed levels, scales and (asymmetric) packed zero points."""
-    n_blocks = -(-k // block_size)
-    zero_points = 0 if symmetric else n * (-(-n_blocks * bits // 8))
-    return n * n_blocks * (block_size * bits // 8 + scale_itemsize) + zero_points
 
 
 def _sample_columns(n: int) -> np.ndarray:

@@ -16,10 +16,9 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter._basics import MatchResult
-from onnxscript.rewriter._rewrite_rule import RewriteRuleClassBase, RewriteRuleSet
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
-from olive_int4_pass.rewrite.matmul_rules import MS_DOMAIN, QuantizationState, QuantizedInputs
+from olive_int4_pass.rewrite.state import MS_DOMAIN, QuantizationState, QuantizedInputs
 
 
 class _EmbeddingRuleBase(RewriteRuleClassBase):
@@ -30,26 +29,27 @@ class _EmbeddingRuleBase(RewriteRuleClassBase):
         self._state = state
 
     def check(self, context, table, ids, out, **_):
-        result = MatchResult()
-        node = out.producer()
-        if node.attributes.get_int("axis", 0) != 0:
-            return result.fail("Gather axis != 0")
-        plan = self._state.plan_embedding(node, table, tied=self.tied)
-        return plan if isinstance(plan, MatchResult) else result
+        bits = self._state.embedding_bits(out.producer(), table, tied=self.tied)
+        return bits if isinstance(bits, MatchResult) else MatchResult()
 
     def rewrite(self, op, table, ids, out, **_):
         node = out.producer()
         q: QuantizedInputs = self._state.embedding_inputs(op, node, table, tied=self.tied)
         prefix = node.name.rsplit("/", 1)[0] if node.name and "/" in node.name else (node.name or "embedding")
-        row_bytes = q.packed.shape[1] * q.packed.shape[2]
-        shape_name = f"/model/constants/INT64/[{q.n}, {row_bytes}]"  # the builder's name for this constant
+        rows, row_bytes = q.layout.n, q.layout.row_bytes
+        shape_name = f"/model/constants/INT64/[{rows}, {row_bytes}]"  # the builder's name for this constant
         shape = self._state.graph.initializers.get(shape_name)
         if shape is None:
-            shape = op.initializer(ir.tensor(np.array([q.n, row_bytes], np.int64)), shape_name)
+            shape = op.initializer(ir.tensor(np.array([rows, row_bytes], np.int64)), shape_name)
         reshape = f"{prefix}/Reshape"
         data = op.call_op("Reshape", [q.packed, shape], {}, name=reshape, outputs=[f"{reshape}/output_0"])
         inputs = [data, ids, q.scales] + ([q.zero_points] if q.zero_points is not None else [])
-        attrs = {"bits": q.bits, "block_size": self._state.options.block_size, "gather_axis": 0, "quantize_axis": 1}
+        attrs = {
+            "bits": q.layout.bits,
+            "block_size": self._state.options.block_size,
+            "gather_axis": 0,
+            "quantize_axis": 1,
+        }
         name = f"{prefix}/GatherBlockQuantized"
         return op.call_op("GatherBlockQuantized", inputs, attrs, domain=MS_DOMAIN, version=1, name=name)
 

@@ -8,7 +8,7 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from olive_int4_pass.kernels import streaming_rtn as fast_rtn
+from olive_int4_pass.kernels import streaming_rtn
 from olive_int4_pass.kernels.rtn import quantize_blockwise
 
 DTYPES = [np.dtype(np.float16), np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)]
@@ -17,8 +17,8 @@ DTYPES = [np.dtype(np.float16), np.dtype(np.float32), np.dtype(ml_dtypes.bfloat1
 @pytest.fixture(autouse=True)
 def small_pieces(monkeypatch):
     """Bands of a few rows and tiles of a few columns: every boundary is crossed even on small weights."""
-    monkeypatch.setattr(fast_rtn, "_BAND_BYTES", 1 << 16)
-    monkeypatch.setattr(fast_rtn, "_TILE_ELEMENTS", 1 << 12)
+    monkeypatch.setattr(streaming_rtn, "_BAND_BYTES", 1 << 16)
+    monkeypatch.setattr(streaming_rtn, "_TILE_ELEMENTS", 1 << 12)
 
 
 def hard_weight(k: int, n: int, dtype: np.dtype, seed: int = 0) -> np.ndarray:
@@ -69,7 +69,7 @@ def test_same_bytes_as_the_reference(tmp_path, dtype, transposed, k, n):
     for block_size, bits in [(32, 4), (16, 4), (64, 4), (128, 4), (32, 8)]:
         reference = quantize_blockwise(w, block_size=block_size, bits=bits, use_onnxruntime=dtype != DTYPES[2])
         for source in (external(tmp_path, stored), ir.tensor(stored)):
-            fast, sample = fast_rtn.quantize_source(
+            fast, sample = streaming_rtn.quantize_source(
                 source, transposed, block_size=block_size, bits=bits, name="w", sample_cols=cols
             )
             assert_same(fast, reference)
@@ -83,12 +83,12 @@ def test_non_finite_weight_is_refused(tmp_path, bad, transposed):
     w[100, 7] = bad
     stored = np.ascontiguousarray(w.T) if transposed else w
     with pytest.raises(ValueError, match="'w' has non-finite"):
-        fast_rtn.quantize_source(external(tmp_path, stored), transposed, block_size=32, bits=4, name="w")
+        streaming_rtn.quantize_source(external(tmp_path, stored), transposed, block_size=32, bits=4, name="w")
 
 
 def test_torch_thread_count_is_restored():
     before = torch.get_num_threads()
-    fast_rtn.quantize_source(
+    streaming_rtn.quantize_source(
         ir.tensor(hard_weight(256, 64, np.dtype(np.float16))), False, block_size=32, bits=4, name="w"
     )
     assert torch.get_num_threads() == before
@@ -96,9 +96,9 @@ def test_torch_thread_count_is_restored():
 
 def test_applies_only_where_the_bytes_are_proven():
     f16 = np.dtype(np.float16)
-    big = fast_rtn.MIN_ELEMENTS
-    assert fast_rtn.applies(f16, 1024, big // 1024, 32, 4, True)
-    assert not fast_rtn.applies(f16, 1024, big // 1024, 32, 4, False)  # asymmetric: roundf differs near 0.5
-    assert not fast_rtn.applies(f16, 1000, big, 32, 4, True)  # partial last block
-    assert not fast_rtn.applies(f16, 1024, 16, 32, 4, True)  # small: the reference kernel is fast enough
-    assert not fast_rtn.applies(np.dtype(np.float64), 1024, big, 32, 4, True)
+    big = streaming_rtn.MIN_ELEMENTS
+    assert streaming_rtn.applies(f16, 1024, big // 1024, 32, 4, True)
+    assert not streaming_rtn.applies(f16, 1024, big // 1024, 32, 4, False)  # asymmetric: roundf differs near 0.5
+    assert not streaming_rtn.applies(f16, 1000, big, 32, 4, True)  # partial last block
+    assert not streaming_rtn.applies(f16, 1024, 16, 32, 4, True)  # small: the reference kernel is fast enough
+    assert not streaming_rtn.applies(np.dtype(np.float64), 1024, big, 32, 4, True)

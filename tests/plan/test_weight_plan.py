@@ -9,12 +9,13 @@ import pytest
 from onnx_helpers import check_numerics, initializers, load_onnx, nodes_of
 from test_tied_embeddings import decoder_feeds
 
+from olive_int4_pass.kernels.layout import quantized_bytes
 from olive_int4_pass.kernels.rtn import dequantize_blockwise, quantize_blockwise
 from olive_int4_pass.kernels.scale_search import search_scales
 from olive_int4_pass.options import QuantizeOptions
 from olive_int4_pass.pipeline import quantize_file
 from olive_int4_pass.plan.calibration import input_second_moments, tokenize
-from olive_int4_pass.plan.weight_plan import choose_upgrades, quantized_bytes
+from olive_int4_pass.plan.weight_plan import choose_upgrades
 
 TEXT_A = "The river bends twice before the mill, and the miller counts sacks of grain by lamplight. " * 30
 TEXT_B = "Quantization maps weights to integers; onnxruntime multiplies packed four-bit blocks quickly. " * 30

@@ -1,0 +1,79 @@
+"""Calibration orchestration for the quality options: tokens in, statistics and 8-bit choices into the weight plan.
+
+Order: check the calibration ids (bad input fails before any model run), measure each candidate's input E[x^2] on
+the float model, then, with a budget, rank the candidates and choose which go to 8 bits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx_ir as ir
+
+from olive_int4_pass.plan.calibration import (
+    _sequences,
+    check_calibration_ids,
+    input_second_moments,
+    load_calibration_text,
+    model_vocab_size,
+    tokenize,
+)
+from olive_int4_pass.plan.candidates import Candidate, WeightKey
+from olive_int4_pass.plan.sensitivity import ImpactProbe
+from olive_int4_pass.plan.weight_plan import QualityPlan
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_quality_plan(
+    quality: QualityPlan,
+    candidates: dict[WeightKey, Candidate],
+    model: ir.Model,
+    model_path: Path,
+    calibration_ids: Sequence[Sequence[int]] | None = None,
+) -> float | None:
+    """Calibrate on the candidates' inputs, then pick 8-bit tensors if asked. Returns the calibration seconds."""
+    opts = quality.options
+    if calibration_ids is not None:  # checked first: bad input fails fast
+        vocab_size = model_vocab_size(model, model_path.parent)
+        calibration_ids = check_calibration_ids(calibration_ids, opts.calibration_tokens, vocab_size)
+    activations = {c.activation for c in candidates.values() if c.activation}
+    if not activations:
+        return None
+    start = time.perf_counter()
+    if calibration_ids is not None:
+        token_ids = calibration_ids
+        num_tokens = sum(map(len, calibration_ids))
+    else:
+        token_ids = tokenize(load_calibration_text(opts.calibration), model_path.parent, opts.calibration_tokens)
+        num_tokens = len(token_ids)
+    quality.importance = input_second_moments(model_path, activations, token_ids)
+    seconds = time.perf_counter() - start
+    logger.info("Calibrated %d MatMul inputs on %d tokens in %.1f s.", len(activations), num_tokens, seconds)
+    if opts.mixed_precision_budget and opts.bits < 8:
+        chosen = {c.name for c in candidates.values()}
+        fixed = sum(  # what the model stores besides the quantized weights: the budget is on the whole model
+            v.const_value.nbytes
+            for v in model.graph.initializers.values()
+            if v.const_value is not None and v.name not in chosen
+        )
+        probe = None
+        if opts.sensitivity == "measured":
+            probe = impact_probe(candidates, opts.sensitivity_tokens, model_path, token_ids)
+        quality.choose_bits(candidates, opts.bits, fixed, probe)
+    return seconds
+
+
+def impact_probe(
+    candidates: dict[WeightKey, Candidate], tokens: int, model_path: Path, token_ids: Sequence
+) -> ImpactProbe:
+    """The float model on the first ``tokens`` calibration tokens, its candidate weights as inputs."""
+    sample = list(_sequences(token_ids)[0][:tokens])
+    weights = {}
+    for cand in candidates.values():
+        w = cand.weight()
+        weights[cand.name] = w.T if cand.transposed else w
+    return ImpactProbe(model_path, weights, sample)
