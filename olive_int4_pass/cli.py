@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 
 from olive_int4_pass import options as schema
 from olive_int4_pass.options import QuantizeOptions
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     # compare: progress bars only; the quantizer's per-variant log lines would break them up.
     verbose = args.command == "quantize" and not args.quiet
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    previous = _terminate_as_interrupt()
     try:
         if args.command == "quantize":
             return _quantize(args)
@@ -109,7 +112,30 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as e:
         print(f"olive-int4: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        from olive_int4_pass.model_io import describe_os_error
+
+        print(f"olive-int4: error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("olive-int4: interrupted; the output was not written", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 1
+
+
+def _terminate_as_interrupt():
+    """Treat SIGTERM like Ctrl-C, so that the staging folder is removed on the way out. Returns the previous
+    handler (None when not in the main thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def _quantize(args: argparse.Namespace) -> int:

@@ -7,24 +7,26 @@ quantized tensors as they are written, two writers at a time.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import onnx_ir as ir
 
+from olive_int4_pass.genai.files import DATA_NAME, MODEL_NAME, describe_os_error, publish, staged
+
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "model.onnx"
-DATA_NAME = "model.onnx.data"
 _PROTOBUF_LIMIT = 2**31 - 1
 _SAVE_WORKERS = 2
 
 
 class InvalidModelError(ValueError):
     """The input is not a model we can quantize (missing, not ONNX, broken external data, bad weights)."""
+
+
+class OutputError(ValueError):
+    """The output cannot be written (a full disk, no permission, a file where a folder should be). A ValueError so
+    that Olive fails the run instead of logging it and exiting 0."""
 
 
 def load_checked(path: Path) -> ir.Model:
@@ -48,35 +50,50 @@ def save_atomically(
     size_threshold: int = 1024,
     progress: bool | None = None,
     before_publish: Callable[[Path], None] | None = None,
+    replaces: Iterable[str] = (),
 ) -> Path:
     """Save ``model`` into ``output_dir`` so that an interrupted run leaves nothing half-written there.
 
-    ``before_publish(folder)`` may add files (e.g. a report) to the temporary folder before it is published.
+    ``before_publish(folder)`` may add files (e.g. a report) to the temporary folder before it is published. The
+    files named in ``replaces`` (an earlier run's report and data, see :func:`external_locations`) are removed
+    from ``output_dir`` when this set does not bring them: the folder holds one run's set, never a mix.
+    Failing to write (a full disk, no permission, a file in the way) raises :class:`OutputError`.
     """
     if external_data_name is None and _initializer_bytes(model) > _PROTOBUF_LIMIT // 2:
         logger.info("Model too large for a single protobuf file; saving weights to %s", DATA_NAME)
         external_data_name = DATA_NAME
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
     try:
-        try:
-            _save(model, tmp / model_name, external_data_name, size_threshold, progress)
-        except Exception as e:
-            # Packed weights are computed during the save, so a bad weight surfaces here wrapped by onnx_ir
-            # (SerdeError): re-raise our own typed error so callers (and Olive) see it as such.
-            cause = _typed_cause(e)
-            if cause is None or cause is e:
-                raise
-            raise type(cause)(str(cause)) from e
-        if before_publish is not None:
-            before_publish(tmp)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        # Data first, graph last: a model.onnx present means its data is complete.
-        for name in sorted(os.listdir(tmp), key=lambda n: n == model_name):
-            os.replace(tmp / name, output_dir / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with staged(output_dir) as tmp:
+            try:
+                _save(model, tmp / model_name, external_data_name, size_threshold, progress)
+            except Exception as e:
+                # Packed weights are computed during the save, so a bad weight surfaces here wrapped by onnx_ir
+                # (SerdeError): re-raise our own typed error so callers (and Olive) see it as such.
+                cause = _typed_cause(e)
+                if cause is None or cause is e:
+                    raise
+                raise type(cause)(str(cause)) from e
+            if before_publish is not None:
+                before_publish(tmp)
+            publish(tmp, output_dir, last=model_name, replaces=replaces)
+    except OSError as e:
+        raise OutputError(f"cannot write the output to {output_dir}: {describe_os_error(e)}") from e
     return output_dir / model_name
+
+
+def external_locations(model_file: Path) -> set[str]:
+    """The external data files an existing model in the output folder points at (plain names only)."""
+    if not model_file.is_file():
+        return set()
+    try:
+        model = ir.load(model_file)
+    except Exception:  # not a model we wrote: leave its neighbours alone
+        return set()
+    return {
+        t.location
+        for t in initializer_tensors(model)
+        if isinstance(t, ir.ExternalTensor) and Path(t.location).name == t.location
+    }
 
 
 def _save(model: ir.Model, path: Path, external_data_name: str | None, size_threshold: int, progress) -> None:
@@ -92,8 +109,14 @@ def _save(model: ir.Model, path: Path, external_data_name: str | None, size_thre
                 max_workers=_SAVE_WORKERS,
             )
         else:
-            for tensor in initializer_tensors(model):
-                callback(tensor, None)
+            # One file: the float tensors still read from the input's data file are loaded into the model too
+            # (left as they are, they would point at a data file this output does not have).
+            for value in model.graph.initializers.values():
+                tensor = value.const_value
+                if tensor is not None:
+                    callback(tensor, None)
+                    if isinstance(tensor, ir.ExternalTensor):
+                        value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
             ir.save(model, path)
 
 
@@ -124,6 +147,11 @@ def _check_external_data(model: ir.Model, base_dir: Path) -> None:
         if not data_path.is_file():
             raise InvalidModelError(f"external data file {data_path} of tensor {tensor.name!r} is missing")
         size = data_path.stat().st_size
+        if tensor.length is not None and tensor.length < tensor.nbytes:
+            raise InvalidModelError(
+                f"external data of tensor {tensor.name!r} in {data_path} is {tensor.length} bytes long, but its shape"
+                f" and dtype need {tensor.nbytes}"
+            )
         end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
         if size < end:
             raise InvalidModelError(

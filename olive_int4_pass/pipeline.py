@@ -17,6 +17,7 @@ from olive_int4_pass.model_io import (
     DATA_NAME,
     MODEL_NAME,
     InvalidModelError,
+    external_locations,
     load_checked,
     refuse_overwriting_input,
     resolve_input,
@@ -111,6 +112,11 @@ def quantize_file(
         report.write(folder)
         log_worst(report)
 
+    # What an earlier run left in output_dir and this one may not bring: its report, the data its model read.
+    inputs = {input_path.resolve(), *(p.resolve() for p in input_path.parent.iterdir() if p.is_file())}
+    earlier = {REPORT_NAME, *external_locations(output_dir / model_name)}
+    replaces = {name for name in earlier if (output_dir / name).resolve() not in inputs}
+
     return save_atomically(
         model,
         output_dir,
@@ -119,6 +125,7 @@ def quantize_file(
         size_threshold=size_threshold,
         progress=progress,
         before_publish=write_report if report.num_quantized else None,
+        replaces=replaces,
     )
 
 

@@ -306,11 +306,12 @@ def test_smoke_mode_settings_build_a_small_package(runs):
 def test_olive_cli_test_flag_is_broken_upstream(runs):
     """Olive 0.13's ``run --test`` appends OnnxDiscrepancyCheck, which cannot read genai 0.18 decoders' KV dims.
 
-    Olive then logs the KeyError and exits 0 with no model. When this test fails, upstream has changed: check
-    docs/upstream.md's note on --test.
+    Olive then logs the KeyError and would exit 0 with no model; a workflow with our passes fails loudly instead.
+    When this test fails, upstream has changed: check docs/upstream.md's note on --test.
     """
     result = runs["results"]["cli-test"]
-    assert result["rc"] == 0
+    assert result["rc"] != 0
     assert "Unsupported symbolic dimension 'kv_cache_dim'" in result["log"]
     assert "No output model produced" in result["log"]
+    assert "the workflow produced no output model" in result["log"]
     assert not (runs["root"] / "cli-test" / "cpu_and_mobile").exists()

@@ -3,6 +3,7 @@
 Perplexity is computed from per-window negative log-likelihood (windows scored independently); KL divergence
 ``KL(p_ref || p_variant)`` and top-1 agreement compare each position's next-token distribution with the
 reference's. On ~1k tokens perplexity moves by a few percent between close variants; KL and top-1 are steadier.
+The log-probabilities come from :func:`olive_int4_pass.genai.decoder.log_softmax`.
 """
 
 from __future__ import annotations
@@ -14,25 +15,6 @@ import numpy as np
 
 # Rows converted to float64 at a time: a 1024 x 152k-vocab window would take 1.2 GB in float64 at once.
 _CHUNK_ROWS = 64
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Log-probabilities over the last axis, computed in float64 and returned as float32.
-
-    Always float32 out, whatever the logits' dtype (fp16 models included), so that the reference's stored
-    log-probabilities and a variant's freshly computed ones are compared like with like.
-    """
-    logits = np.asarray(logits)
-    if logits.ndim < 1 or logits.shape[-1] == 0:
-        raise ValueError(f"logits need a non-empty last (vocabulary) axis, got shape {logits.shape}")
-    rows = logits.reshape(-1, logits.shape[-1])
-    out = np.empty(rows.shape, np.float32)
-    for start in range(0, rows.shape[0], _CHUNK_ROWS):
-        chunk = rows[start : start + _CHUNK_ROWS].astype(np.float64)
-        chunk -= chunk.max(axis=-1, keepdims=True)
-        chunk -= np.log(np.exp(chunk).sum(axis=-1, keepdims=True))
-        out[start : start + _CHUNK_ROWS] = chunk
-    return out.reshape(logits.shape)
 
 
 def token_nll(logprobs: np.ndarray, targets: np.ndarray) -> np.ndarray:

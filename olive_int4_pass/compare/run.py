@@ -25,6 +25,7 @@ from olive_int4_pass.compare.variants import (
     default_reference,
     size_on_disk,
 )
+from olive_int4_pass.genai.files import GenAIConfig
 
 DEFAULT_TEXT = "default passage (olive_int4_pass/data/default_passage.txt)"
 
@@ -82,15 +83,9 @@ def compare(
     """
     from tqdm.auto import tqdm
 
-    from olive_int4_pass.compare.scoring import (
-        ReferenceStore,
-        decoder_config,
-        score_model,
-        token_windows,
-        tokenize,
-        vocab_size,
-    )
+    from olive_int4_pass.compare.scoring import ReferenceStore, score_model, token_windows
     from olive_int4_pass.compare.speed import measure_speed
+    from olive_int4_pass.genai.decoder import tokenize
 
     settings = settings or CompareSettings()
     output_dir = Path(output_dir)
@@ -101,9 +96,9 @@ def compare(
     )
     ref = _pick_reference(built, reference)
 
-    context = decoder_config(ref.package_dir)["context_length"]
+    context = GenAIConfig.read(ref.package_dir).context_length
     window = min(settings.window, context) if context else settings.window
-    windows = token_windows(tokenize(ref.package_dir, text), window, settings.max_tokens)
+    windows = token_windows(tokenize(text, ref.package_dir), window, settings.max_tokens)
     n_scored = sum(len(w) - 1 for w in windows)
     prompt_len = settings.prompt_tokens
     if context and settings.runs:  # the generation must fit the context (and the KV buffer genai allocates for it)
@@ -113,14 +108,19 @@ def compare(
     prompt = [int(i) for w in windows for i in w][:prompt_len]
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    store = ReferenceStore(windows, vocab_size(ref.model_file, decoder_config(ref.package_dir)), output_dir)
+    store = ReferenceStore(windows, output_dir)
     try:
         ordered = [ref] + [v for v in built if v is not ref]  # the reference first: it fills the store
         scores = {}
         for v in tqdm(ordered, desc="accuracy", unit="variant", disable=_disable(progress)):
-            config = decoder_config(v.package_dir)
             scores[v.name] = score_model(
-                v.model_file, config, windows, store, write_reference=v is ref, progress=progress, desc=v.name
+                v.model_file,
+                windows,
+                store,
+                config_dir=v.package_dir,
+                write_reference=v is ref,
+                progress=progress,
+                desc=v.name,
             )
     finally:
         store.close()
@@ -154,9 +154,12 @@ def load_text(text_file: str | os.PathLike | None) -> tuple[str, str]:
         return default_text(), DEFAULT_TEXT
     path = Path(text_file)
     try:
-        return path.read_text(encoding="utf-8"), str(path)
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read the text file {path}: {e}") from e
+    if not text.strip():
+        raise ValueError(f"the text file {path} is empty: there is nothing to score")
+    return text, str(path)
 
 
 def _result(variant: Variant, is_ref: bool, totals, speed, ref_totals) -> VariantResult:

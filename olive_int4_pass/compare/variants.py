@@ -18,10 +18,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from olive_int4_pass.genai.files import GENAI_CONFIG, GenAIConfig, link_or_copy, publish_folder, read_json, staged
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,7 @@ class Variant:
 
     @property
     def model_file(self) -> Path:
-        config = json.loads((self.package_dir / "genai_config.json").read_text(encoding="utf-8"))
-        return self.package_dir / config["model"]["decoder"]["filename"]
+        return GenAIConfig.read(self.package_dir).decoder_path
 
 
 def build_variants(
@@ -99,7 +99,7 @@ def build_variants(
 
     def rank(name: str) -> int:
         if name in given:
-            return 0 if (given[name] / "genai_config.json").is_file() else 2
+            return 0 if (given[name] / GENAI_CONFIG).is_file() else 2
         return 1 if name in FLOAT_VARIANTS else 3
 
     built: dict[str, Variant] = {}
@@ -159,9 +159,8 @@ def infer_label(model_file: str | os.PathLike) -> str:
 
 def onnx_file_of(folder: Path) -> Path:
     """The decoder file of a package folder (genai_config.json), or the single .onnx file of an ONNX folder."""
-    if (folder / "genai_config.json").is_file():
-        config = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))
-        return folder / config["model"]["decoder"]["filename"]
+    if (folder / GENAI_CONFIG).is_file():
+        return GenAIConfig.read(folder).decoder_path
     candidates = sorted(folder.glob("*.onnx"))
     if len(candidates) != 1:
         raise ValueError(f"{folder} must be an onnxruntime-genai package or hold exactly one .onnx file")
@@ -213,7 +212,7 @@ def _export(name: str, model: str | None, work_dir: Path) -> Variant:
         result = subprocess.run(
             [sys.executable, "-c", code, source, str(out), provider, precision], capture_output=True, text=True
         )
-        if result.returncode != 0 or not (out / "genai_config.json").is_file():
+        if result.returncode != 0 or not (out / GENAI_CONFIG).is_file():
             tail = (result.stdout[-1500:] + result.stderr[-1500:]).strip()
             raise ValueError(f"the onnxruntime-genai builder could not export {model} at {precision}:\n{tail}")
 
@@ -228,8 +227,6 @@ def _quantize(
     from olive_int4_pass.pipeline import quantize_file
 
     kwargs = dict(kwargs)
-    if calibration is not None and "quality" in kwargs:
-        kwargs["calibration"] = calibration
     known = {f.name for f in dataclasses.fields(QuantizeOptions)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
@@ -238,6 +235,9 @@ def _quantize(
             " olive_int4_pass does not have; leave it out of --variants"
         )
     options = QuantizeOptions(**kwargs)  # validates values: ValueError/TypeError with the option's name
+    if calibration is not None and options.calibrated:  # a quality preset or not (int4-search calibrates too)
+        kwargs["calibration"] = calibration
+        options = QuantizeOptions(**kwargs)
     recipe = {"quantize": {"source": str(source.package_dir.resolve()), "options": _jsonable(kwargs)}}
     origin = f"olive-int4 quantize {_describe(kwargs)} on {source.name}"
     target = work_dir / name
@@ -254,46 +254,41 @@ def _quantize(
 
 def _given_variant(name: str, folder: Path, work_dir: Path, built: Mapping[str, Variant]) -> Variant:
     """A package folder as is; a bare ONNX folder gets a package view (links + a package's side files)."""
-    if (folder / "genai_config.json").is_file():
+    if (folder / GENAI_CONFIG).is_file():
         return Variant(name, folder, f"given: {folder}")
     model_file = onnx_file_of(folder)
     source = built.get("fp32") or next(iter(built.values()), None)
     side_source = source.package_dir if source else None
     if side_source is None:
         raise ValueError(
-            f"{folder} holds no genai_config.json: give a package folder first (e.g. --use fp32=DIR or MODEL) to"
-            " borrow its genai_config.json and tokenizer from"
+            f"{folder} holds no {GENAI_CONFIG}: give a package folder first (e.g. --use fp32=DIR or MODEL) to"
+            f" borrow its {GENAI_CONFIG} and tokenizer from"
         )
     view = work_dir / name
     shutil.rmtree(view, ignore_errors=True)
     view.mkdir(parents=True)
     for path in folder.iterdir():
         if path.is_file() and path.name.startswith(model_file.name):  # model.onnx and model.onnx.data
-            _link(path, view / path.name)
+            link_or_copy(path, view / path.name)
     _copy_side_files(side_source, view)
-    config_path = view / "genai_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config_path = view / GENAI_CONFIG
+    config = read_json(config_path)
     config["model"]["decoder"]["filename"] = model_file.name
     config_path.write_text(json.dumps(config, indent=4), encoding="utf-8")
-    return Variant(name, view, f"given: {folder} (genai_config.json from {side_source.name})")
+    return Variant(name, view, f"given: {folder} ({GENAI_CONFIG} from {side_source.name})")
 
 
 def _publish(target: Path, recipe: dict, make) -> None:
     """Build into a temporary folder beside ``target`` and swap it in, stamped with its recipe, when complete."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    with staged(target) as scratch:
         make(scratch / "out", scratch)
         (scratch / "out" / STAMP).write_text(json.dumps(recipe, indent=2), encoding="utf-8")
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(scratch / "out", target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        publish_folder(scratch / "out", target)
 
 
 def _reusable(target: Path, recipe: dict, newer_than: Path | None = None) -> bool:
     stamp = target / STAMP
-    if not stamp.is_file() or not (target / "genai_config.json").is_file():
+    if not stamp.is_file() or not (target / GENAI_CONFIG).is_file():
         return False
     try:
         same = json.loads(stamp.read_text(encoding="utf-8")) == json.loads(json.dumps(recipe))
@@ -306,13 +301,6 @@ def _copy_side_files(source: Path, dest: Path) -> None:
     for path in source.iterdir():
         if path.is_file() and path.suffix in SIDE_SUFFIXES and path.name != STAMP and not (dest / path.name).exists():
             shutil.copy2(path, dest / path.name)
-
-
-def _link(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system, or links not allowed: copy
-        shutil.copy2(src, dst)
 
 
 def _model_key(model: str | None) -> str | None:

@@ -11,24 +11,8 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-
-def read_json(path: str | os.PathLike) -> dict:
-    """A JSON file as a dict, with a ValueError naming the file when it is not one."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    return data
-
-
-def configured_providers(package_dir: str | os.PathLike) -> list[str]:
-    """Execution providers the package's genai_config.json asks for (empty: CPU)."""
-    session = read_json(Path(package_dir) / "genai_config.json")["model"]["decoder"].get("session_options", {})
-    return [name for entry in session.get("provider_options", []) for name in entry]
+from olive_int4_pass.genai.files import GENAI_CONFIG, GenAIConfig
 
 
 def load_model(package_dir: str | os.PathLike, *, cpu: bool | None = None):
@@ -37,7 +21,7 @@ def load_model(package_dir: str | os.PathLike, *, cpu: bool | None = None):
 
     config = og.Config(str(package_dir))
     if cpu is None:
-        wanted = configured_providers(package_dir)
+        wanted = GenAIConfig.read(package_dir).providers
         cpu = bool(wanted) and not all(_available(og, name) for name in wanted)
     if cpu:
         config.clear_providers()
@@ -89,8 +73,11 @@ def verify_package(package_dir: str | os.PathLike, *, max_new_tokens: int = 2) -
 
         model = load_model(package_dir)
         tokenizer = og.Tokenizer(model)
+        _check_tokenizer(tokenizer, package_dir)
         prompt = chat_prompt(tokenizer, [{"role": "user", "content": "Hello"}])
         tokens = generate(model, list(tokenizer.encode(prompt)), max_new_tokens, greedy=True)
+    except ValueError:
+        raise
     except Exception as e:  # og raises RuntimeError for every load/run problem; Olive would exit 0 on it
         raise ValueError(f"onnxruntime-genai cannot run the package {package_dir}: {e}") from e
     if not tokens:
@@ -98,9 +85,27 @@ def verify_package(package_dir: str | os.PathLike, *, max_new_tokens: int = 2) -
     return tokens
 
 
+_PROBE_TEXT = "Hello, world! The quick brown fox jumps over 13 lazy dogs."
+
+
+def _check_tokenizer(tokenizer, package_dir: str | os.PathLike) -> None:
+    """The package's tokenizer must map text to ids of the model's vocabulary and back to the same text (a
+    tokenizer rebuilt from a folder without tokenizer.json can have a 1-entry vocabulary and encode text as -1s)."""
+    ids = [int(i) for i in tokenizer.encode(_PROBE_TEXT)]
+    vocab = GenAIConfig.read(package_dir).vocab_size
+    if not ids or min(ids) < 0 or max(ids) >= vocab:
+        raise ValueError(
+            f"its tokenizer.json turns {_PROBE_TEXT!r} into ids {ids[:8]}..., outside the model's"
+            f" vocabulary of {vocab}: it is not this model's tokenizer (does the model folder have tokenizer.json?)"
+        )
+    back = tokenizer.decode(ids)
+    if back.strip() != _PROBE_TEXT:
+        raise ValueError(f"its tokenizer.json does not round-trip: {_PROBE_TEXT!r} -> {back!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m olive_int4_pass.genai.chat", description=__doc__)
-    parser.add_argument("package_dir", help="folder holding genai_config.json, model.onnx and the tokenizer files")
+    parser.add_argument("package_dir", help=f"folder holding {GENAI_CONFIG}, model.onnx and the tokenizer files")
     parser.add_argument("-p", "--prompt", help="one user message; without it, chat on stdin (empty line quits)")
     parser.add_argument("--max-new-tokens", type=int, default=1024, help="per answer (default 1024)")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of the package's sampling")

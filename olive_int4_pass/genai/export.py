@@ -12,21 +12,33 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-MODEL_NAME = "model.onnx"
+from olive_int4_pass.genai.files import (
+    CHAT_TEMPLATE,
+    GENAI_CONFIG,
+    GENERATION_CONFIG,
+    HF_CONFIG,
+    MODEL_NAME,
+    SPECIAL_TOKENS_MAP,
+    TOKENIZER,
+    TOKENIZER_CONFIG,
+    publish,
+    read_json,
+    staged,
+)
+
 # The builder's side files, plus the Hugging Face configs GenAIPackaging reads (search defaults, token ids).
 SIDE_FILES = (
-    "genai_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "config.json",
+    GENAI_CONFIG,
+    TOKENIZER,
+    TOKENIZER_CONFIG,
+    CHAT_TEMPLATE,
+    SPECIAL_TOKENS_MAP,
+    GENERATION_CONFIG,
+    HF_CONFIG,
 )
 EXECUTION_PROVIDERS = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
 _PRECISIONS = {"cuda": ("fp16", "fp32"), "cpu": ("fp32",)}
@@ -53,24 +65,18 @@ def export_hf_model(
     """
     hf_dir, output_dir = Path(hf_dir), Path(output_dir)
     precision = _check_target(execution_provider, precision)
-    if not (hf_dir / "config.json").is_file():
+    if not (hf_dir / HF_CONFIG).is_file():
         raise ValueError(f"{hf_dir} is not a Hugging Face model folder (no config.json)")
     options = [f"{key}={_option_str(value)}" for key, value in (extra_options or {}).items()]
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
-    staged, cache = work / "out", work / "cache"
-    try:
-        _run_builder(hf_dir, staged, cache, precision, execution_provider, options)
-        _use_source_tokenizer(hf_dir, staged)
-        for name in ("config.json", "generation_config.json"):
-            if (hf_dir / name).is_file() and not (staged / name).exists():
-                shutil.copy2(hf_dir / name, staged / name)
-        output_dir.mkdir(parents=True, exist_ok=True)
+    with staged(output_dir) as work:
+        out, cache = work / "out", work / "cache"
+        _run_builder(hf_dir, out, cache, precision, execution_provider, options)
+        _use_source_tokenizer(hf_dir, out)
+        for name in (HF_CONFIG, GENERATION_CONFIG):
+            if (hf_dir / name).is_file() and not (out / name).exists():
+                shutil.copy2(hf_dir / name, out / name)
         # Data and side files first, graph last: a model.onnx present means the export is complete.
-        for name in sorted(os.listdir(staged), key=lambda n: n == MODEL_NAME):
-            os.replace(staged / name, output_dir / name)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        publish(out, output_dir, last=MODEL_NAME)
     return output_dir / MODEL_NAME
 
 
@@ -90,8 +96,8 @@ def _run_builder(
         raise
     except Exception as e:  # builder raises bare Exception / NotImplementedError / OSError
         raise ValueError(f"onnxruntime-genai model builder failed on {hf_dir}: {type(e).__name__}: {e}") from e
-    if not (out / MODEL_NAME).is_file() or not (out / "genai_config.json").is_file():
-        raise ValueError(f"onnxruntime-genai model builder wrote no {MODEL_NAME}/genai_config.json for {hf_dir}")
+    if not (out / MODEL_NAME).is_file() or not (out / GENAI_CONFIG).is_file():
+        raise ValueError(f"onnxruntime-genai model builder wrote no {MODEL_NAME}/{GENAI_CONFIG} for {hf_dir}")
 
 
 def _use_source_tokenizer(hf_dir: Path, out: Path) -> None:
@@ -102,16 +108,16 @@ def _use_source_tokenizer(hf_dir: Path, out: Path) -> None:
     past the model's vocabulary when the source names none), so the re-saved tokenizer.json can tokenize
     differently. The builder's ``model_max_length`` (the context length) is kept.
     """
-    if not (hf_dir / "tokenizer.json").is_file():
+    if not (hf_dir / TOKENIZER).is_file():
         return  # e.g. a sentencepiece-only model: the builder's conversion is what we have
-    builder_config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+    builder_config = read_json(out / TOKENIZER_CONFIG)
+    for name in (TOKENIZER, TOKENIZER_CONFIG, CHAT_TEMPLATE, SPECIAL_TOKENS_MAP):
         if (hf_dir / name).is_file():
             shutil.copy2(hf_dir / name, out / name)
-    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config = read_json(out / TOKENIZER_CONFIG)
     if "model_max_length" in builder_config:
         config["model_max_length"] = builder_config["model_max_length"]
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", "utf-8")
+    (out / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", "utf-8")
 
 
 def _check_target(execution_provider: str, precision: str | None) -> str:

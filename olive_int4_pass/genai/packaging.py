@@ -14,27 +14,30 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from olive_int4_pass.genai.chat import read_json, verify_package
+from olive_int4_pass.genai.chat import verify_package
+from olive_int4_pass.genai.files import (
+    CHAT_TEMPLATE,
+    DATA_NAME,
+    GENAI_CONFIG,
+    GENERATION_CONFIG,
+    MODEL_NAME,
+    SPECIAL_TOKENS_MAP,
+    TOKENIZER,
+    TOKENIZER_CONFIG,
+    link_or_copy,
+    publish_folder,
+    read_json,
+    staged,
+)
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "model.onnx"
-DATA_NAME = "model.onnx.data"
-PACKAGE_FILES = (
-    "genai_config.json",
-    MODEL_NAME,
-    DATA_NAME,
-    "special_tokens_map.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-)
 TOP_FOLDERS = {"cuda": "gpu", "cpu": "cpu_and_mobile"}
 # Search settings a Hugging Face generation_config.json can carry, by genai_config.json name.
 _SEARCH_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "num_beams")
@@ -140,7 +143,7 @@ def build_package(
     place: it appears complete or not at all. Model files are hard-linked when possible (they are large).
     """
     model_path, output_root = Path(model_path), Path(output_root)
-    for required in ("genai_config.json", "tokenizer.json", "tokenizer_config.json"):
+    for required in (GENAI_CONFIG, TOKENIZER, TOKENIZER_CONFIG):
         if required not in side_files:
             raise ValueError(
                 f"{required} is missing from the model's additional files; export with GenAIModelExport first"
@@ -150,49 +153,44 @@ def build_package(
         raise ValueError(f"package_dir must be a relative folder inside the output, got {package_dir!r}")
     final = output_root / package_dir
     output_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".package.", suffix=".tmp", dir=output_root))
-    try:
+    with staged(final) as staging:
         stage = staging / "package"
         stage.mkdir()
         _place_model(model_path, stage)
-        generation = read_json(side_files["generation_config.json"]) if "generation_config.json" in side_files else {}
+        generation = read_json(side_files[GENERATION_CONFIG]) if GENERATION_CONFIG in side_files else {}
         genai = patch_genai_config(
-            read_json(side_files["genai_config.json"]),
+            read_json(side_files[GENAI_CONFIG]),
             execution_provider,
             generation_config=generation,
             search=search,
             context_length=context_length,
         )
-        _write_json(stage / "genai_config.json", genai)
+        _write_json(stage / GENAI_CONFIG, genai)
         _write_tokenizer_files(stage, side_files, chat_template_file)
         if verify:
-            tokens = verify_package(stage)
+            try:
+                tokens = verify_package(stage)
+            except ValueError as e:
+                raise ValueError(f"package {final} not published: {e} [tokenizer from {side_files[TOKENIZER]}]") from e
             logger.info("onnxruntime-genai loaded %s and generated tokens %s", package_dir, tokens)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():  # a previous package: swap it out, it is deleted with the staging folder
-            os.replace(final, staging / "previous")
-        os.replace(stage, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        publish_folder(stage, final)  # a previous package is swapped out whole
     return final
 
 
 def _write_tokenizer_files(stage: Path, side_files: Mapping[str, str | os.PathLike], chat_template_file: bool) -> None:
-    shutil.copy2(side_files["tokenizer.json"], stage / "tokenizer.json")
-    template_path = side_files.get("chat_template.jinja")
+    shutil.copy2(side_files[TOKENIZER], stage / TOKENIZER)
+    template_path = side_files.get(CHAT_TEMPLATE)
     template = Path(template_path).read_text(encoding="utf-8") if template_path else None
-    tok_config = published_tokenizer_config(read_json(side_files["tokenizer_config.json"]), template)
+    tok_config = published_tokenizer_config(read_json(side_files[TOKENIZER_CONFIG]), template)
     if not tok_config.get("chat_template"):
         logger.warning("No chat template in the tokenizer files: apply_chat_template will not work")
-    _write_json(stage / "tokenizer_config.json", tok_config)
-    if "special_tokens_map.json" in side_files:  # the model's own, when it ships one
-        shutil.copy2(side_files["special_tokens_map.json"], stage / "special_tokens_map.json")
+    _write_json(stage / TOKENIZER_CONFIG, tok_config)
+    if SPECIAL_TOKENS_MAP in side_files:  # the model's own, when it ships one
+        shutil.copy2(side_files[SPECIAL_TOKENS_MAP], stage / SPECIAL_TOKENS_MAP)
     else:
-        _write_json(
-            stage / "special_tokens_map.json", special_tokens_map(tok_config, read_json(stage / "tokenizer.json"))
-        )
+        _write_json(stage / SPECIAL_TOKENS_MAP, special_tokens_map(tok_config, read_json(stage / TOKENIZER)))
     if chat_template_file and template_path:
-        shutil.copy2(template_path, stage / "chat_template.jinja")
+        shutil.copy2(template_path, stage / CHAT_TEMPLATE)
 
 
 def _place_model(model_path: Path, stage: Path) -> None:
@@ -207,19 +205,12 @@ def _place_model(model_path: Path, stage: Path) -> None:
     }
     if model_path.name == MODEL_NAME and locations == {DATA_NAME}:
         for name in (DATA_NAME, MODEL_NAME):
-            _link_or_copy(model_path.parent / name, stage / name)
+            link_or_copy(model_path.parent / name, stage / name)
         return
     import onnx_ir as ir
 
     logger.info("Re-saving %s (external data %s) as %s + %s", model_path, sorted(locations), MODEL_NAME, DATA_NAME)
     ir.save(ir.load(model_path), stage / MODEL_NAME, external_data=DATA_NAME, size_threshold_bytes=0)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # other file system, or links not allowed
-        shutil.copy2(src, dst)
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:

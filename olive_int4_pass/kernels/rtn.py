@@ -135,6 +135,14 @@ def quantize_blockwise(
         # onnxruntime's kernel already uses every core.
         for n0 in starts:
             work(n0)
+    if not np.isfinite(out_scales.astype(np.float32)).all():
+        # Finite weights whose block range max - min overflows the scale's dtype (|w| near 3e38 in float32/bfloat16,
+        # asymmetric only): an infinite scale would make MatMulNBits output NaN.
+        kind = "symmetric" if symmetric else "asymmetric: max - min"
+        raise ValueError(
+            f"weight {name!r}: a block's range overflows its {scale_dtype} scale ({kind}); quantize it symmetric,"
+            " or keep it in float with nodes_to_exclude"
+        )
     packed_zp = None if zp_full is None else _pack_zero_points(zp_full, bits)
     return QuantizedWeight(packed, out_scales, packed_zp, k, n, block_size, bits)
 

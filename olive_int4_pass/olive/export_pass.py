@@ -24,7 +24,7 @@ from olive_int4_pass.genai.export import (
     export_hf_model,
     resolve_hf_dir,
 )
-from olive_int4_pass.olive.common import plugin_version_param
+from olive_int4_pass.olive.common import fails_loudly, plugin_version_param
 
 
 class GenAIModelExport(Pass):
@@ -63,6 +63,7 @@ class GenAIModelExport(Pass):
     def is_accelerator_agnostic(accelerator_spec: AcceleratorSpec) -> bool:
         return False  # execution_provider defaults to the workflow's accelerator
 
+    @fails_loudly
     def _run_for_config(
         self, model: HfModelHandler, config: type[BasePassConfig], output_model_path: str
     ) -> ONNXModelHandler:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from olive_int4_pass.compare.variants import onnx_file_of, size_on_disk
+from olive_int4_pass.genai.files import GENAI_CONFIG, GenAIConfig
 
 SUB_TYPES = ("perplexity", "kl_divergence", "top1_agreement", "reference_perplexity", "size_bytes")
 
@@ -43,38 +44,32 @@ def evaluate_quality(
     scoring always runs on CPU. The reference is re-scored on every call.
     """
     from olive_int4_pass.compare.run import load_text
-    from olive_int4_pass.compare.scoring import (
-        ReferenceStore,
-        decoder_config,
-        score_model,
-        token_windows,
-        tokenize,
-        vocab_size,
-    )
-    from olive_int4_pass.compare.variants import Variant
+    from olive_int4_pass.compare.scoring import ReferenceStore, score_model, token_windows
+    from olive_int4_pass.genai.decoder import tokenize
 
     ref_dir = Path(reference)
-    if not (ref_dir / "genai_config.json").is_file():
+    if not (ref_dir / GENAI_CONFIG).is_file():
         raise ValueError(
-            f"reference must be an onnxruntime-genai package folder (with genai_config.json), got {ref_dir}; export"
+            f"reference must be an onnxruntime-genai package folder (with {GENAI_CONFIG}), got {ref_dir}; export"
             " one with: python -m onnxruntime_genai.models.builder -i HF_DIR -o REF_DIR -p fp32 -e cpu"
         )
     if not isinstance(window, int) or not isinstance(max_tokens, int) or window < 2 or max_tokens < 2:
         raise ValueError(f"window and max_tokens must be integers >= 2, got {window!r} and {max_tokens!r}")
-    ref = Variant("reference", ref_dir, "reference")
+    ref_config = GenAIConfig.read(ref_dir)
     model_file = _model_file(model)
-    ref_config = decoder_config(ref_dir)
-    own = model_file.parent / "genai_config.json"
-    config = decoder_config(model_file.parent) if own.is_file() else ref_config
+    # A bare ONNX model is described by the reference's genai_config.json (same model, other precision).
+    config_dir = model_file.parent if (model_file.parent / GENAI_CONFIG).is_file() else ref_dir
 
     text, _ = load_text(text_file)
-    context = ref_config["context_length"]
-    windows = token_windows(tokenize(ref_dir, text), min(window, context) if context else window, max_tokens)
+    context = ref_config.context_length
+    windows = token_windows(tokenize(text, ref_dir), min(window, context) if context else window, max_tokens)
     with tempfile.TemporaryDirectory(prefix="olive-int4-metric.") as scratch:
-        store = ReferenceStore(windows, vocab_size(ref.model_file, ref_config), scratch)
+        store = ReferenceStore(windows, scratch)
         try:
-            ref_totals = score_model(ref.model_file, ref_config, windows, store, write_reference=True, progress=False)
-            totals = score_model(model_file, config, windows, store, progress=False)
+            ref_totals = score_model(
+                ref_config.decoder_path, windows, store, config_dir=ref_dir, write_reference=True, progress=False
+            )
+            totals = score_model(model_file, windows, store, config_dir=config_dir, progress=False)
         finally:
             store.close()
     return {

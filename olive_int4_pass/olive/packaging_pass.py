@@ -16,9 +16,9 @@ from olive.model import CompositeModelHandler, ONNXModelHandler
 from olive.passes import Pass
 from olive.passes.pass_config import BasePassConfig, PassConfigParam
 
-from olive_int4_pass.genai.chat import configured_providers
-from olive_int4_pass.genai.packaging import MODEL_NAME, build_package
-from olive_int4_pass.olive.common import plugin_version_param
+from olive_int4_pass.genai.files import GENAI_CONFIG, MODEL_NAME, GenAIConfig
+from olive_int4_pass.genai.packaging import build_package
+from olive_int4_pass.olive.common import fails_loudly, plugin_version_param
 
 
 class GenAIPackaging(Pass):
@@ -74,6 +74,7 @@ class GenAIPackaging(Pass):
             "plugin_version": plugin_version_param(),
         }
 
+    @fails_loudly
     def _run_for_config(
         self, model: ONNXModelHandler, config: type[BasePassConfig], output_model_path: str
     ) -> CompositeModelHandler:
@@ -106,7 +107,7 @@ class GenAIPackaging(Pass):
 
 
 def _provider_of(side_files: Mapping[str, str]) -> str:
-    if "genai_config.json" not in side_files:
-        raise ValueError("genai_config.json is missing from the model's additional files; export with GenAIModelExport")
-    providers = configured_providers(Path(side_files["genai_config.json"]).parent)
+    if GENAI_CONFIG not in side_files:
+        raise ValueError(f"{GENAI_CONFIG} is missing from the model's additional files; export with GenAIModelExport")
+    providers = GenAIConfig.read(side_files[GENAI_CONFIG]).providers
     return "cuda" if "cuda" in providers else "cpu"

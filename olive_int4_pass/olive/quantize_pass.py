@@ -19,7 +19,7 @@ from olive.search.search_parameter import SearchParameter, SpecialParamValue
 from pydantic import model_validator
 
 from olive_int4_pass import options as schema
-from olive_int4_pass.olive.common import plugin_version_param
+from olive_int4_pass.olive.common import fails_loudly, plugin_version_param
 from olive_int4_pass.options import QuantizeOptions
 from olive_int4_pass.pipeline import DATA_NAME, MODEL_NAME, quantize_file
 from olive_int4_pass.plan.calibration import DEFAULT_TEXT, token_ids_from_batches
@@ -72,6 +72,7 @@ class OnnxInt4RtnQuantization(Pass):
         # spent minutes (a pydantic ValidationError is a ValueError, which Olive reports and exits non-zero on).
         return {"validate_quantize_options": model_validator(mode="after")(_validate_config)}
 
+    @fails_loudly
     def _run_for_config(
         self, model: ONNXModelHandler, config: type[BasePassConfig], output_model_path: str
     ) -> ONNXModelHandler:

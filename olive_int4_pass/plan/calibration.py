@@ -1,6 +1,6 @@
 """Calibration: per-channel second moments ``E[x_k^2]`` of every quantized MatMul's input, from the float model.
 
-The float decoder (genai builder layout: ``input_ids``, ``attention_mask``, ``past_key_values.*``) runs in
+The float decoder (genai builder layout, run by :class:`olive_int4_pass.genai.decoder.DecoderRunner`) runs in
 onnxruntime over the calibration tokens in independent windows with an empty KV cache; the MatMul inputs are
 exposed as extra graph outputs and reduced to one float64 vector per input right away, so memory holds one
 window's activations at a time. The weights stay in the input's external data file (read in place).
@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from olive_int4_pass.genai.files import TOKENIZER
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -43,9 +45,18 @@ def load_calibration_text(source: str | os.PathLike) -> str:
     if str(source) == DEFAULT_TEXT:
         return default_calibration_text()
     path = Path(source)
+    if path.is_dir():
+        raise ValueError(f"calibration text {path} is a folder; give a UTF-8 text file (or 'default')")
     if not path.is_file():
         raise ValueError(f"calibration text file {path} does not exist (use 'default' for the built-in text)")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"calibration text file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:
+        raise ValueError(f"cannot read the calibration text file {path}: {e.strerror or e}") from e
+    if "\x00" in text:
+        raise ValueError(f"calibration text file {path} holds NUL bytes: it looks like a binary file, not text")
     if not text.strip():
         raise ValueError(f"calibration text file {path} is empty")
     return text
@@ -53,12 +64,12 @@ def load_calibration_text(source: str | os.PathLike) -> str:
 
 def tokenize(text: str, model_dir: Path, max_tokens: int) -> list[int]:
     """Token ids from the ``tokenizer.json`` beside the model (the builder and Olive's export put it there)."""
-    from tokenizers import Tokenizer
+    from olive_int4_pass.genai.decoder import tokenize as tokenize_text
 
-    tokenizer_file = model_dir / "tokenizer.json"
+    tokenizer_file = model_dir / TOKENIZER
     if not tokenizer_file.is_file():
         raise ValueError(f"calibration needs the model's tokenizer: {tokenizer_file} not found")
-    ids = Tokenizer.from_file(str(tokenizer_file)).encode(text).ids[:max_tokens]
+    ids = tokenize_text(text, model_dir)[:max_tokens]
     if len(ids) < 16:
         raise ValueError(f"calibration text gives only {len(ids)} tokens; give at least a paragraph")
     return ids
@@ -75,34 +86,21 @@ def input_second_moments(
     ``token_ids`` is one token sequence or a list of sequences (independent samples); each sequence is cut into
     its own windows, so no window spans two samples.
     """
-    import onnx
-    import onnxruntime as ort
+    from olive_int4_pass.genai.decoder import DecoderRunner
 
-    model = onnx.load(str(model_path), load_external_data=False)
     names = sorted(set(activations))
-    existing = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in existing:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    options = ort.SessionOptions()
-    # The model comes from bytes: tell onnxruntime where its external data lives (it is read, never copied).
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feeds_template = _empty_cache_feeds(session, model_path.parent)
+    runner = DecoderRunner(model_path, extra_outputs=names)
     sums = {name: None for name in names}
     count = 0
     for sequence in _sequences(token_ids):
         for start in range(0, len(sequence), window):
-            ids = np.array([sequence[start : start + window]], np.int64)
-            feeds = {**feeds_template, "input_ids": ids}
-            if "attention_mask" in feeds:
-                feeds["attention_mask"] = np.ones_like(ids)
-            outputs = session.run(names, feeds)
+            ids = sequence[start : start + window]
+            outputs = runner.run(ids, names)
             for name, x in zip(names, outputs, strict=True):
                 x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
                 sq = np.einsum("ij,ij->j", x, x)
                 sums[name] = sq if sums[name] is None else sums[name] + sq
-            count += ids.shape[1]
+            count += len(ids)
     if count == 0:
         raise ValueError("no calibration tokens to run")
     return {name: s / count for name, s in sums.items()}
@@ -244,48 +242,8 @@ def _describe(value: object) -> str:
 def model_vocab_size(model: ir.Model, model_dir: Path) -> int | None:
     """The vocabulary size, to check calibration ids: the ``logits`` output's last dimension when static, else
     ``genai_config.json``'s ``vocab_size``; None when neither says."""
-    import json
+    from olive_int4_pass.genai.decoder import vocab_size
 
-    for value in model.graph.outputs:
-        shape = value.shape
-        if value.name == "logits" and shape is not None and shape.rank() and isinstance(shape[-1], int):
-            return int(shape[-1])
-    try:
-        return int(json.loads((model_dir / "genai_config.json").read_text())["model"]["vocab_size"])
-    except (OSError, KeyError, ValueError, TypeError):
-        return None
-
-
-def _empty_cache_feeds(session, model_dir: Path, fed_elsewhere: Iterable[str] = ()) -> dict[str, np.ndarray]:
-    skip = set(fed_elsewhere)
-    inputs = {i.name: i for i in session.get_inputs() if i.name not in skip}
-    if "input_ids" not in inputs:
-        raise ValueError(
-            "calibration runs decoders with an input_ids input (onnxruntime-genai builder layout); "
-            f"this model's inputs are {sorted(inputs)}"
-        )
-    feeds = {}
-    for name, info in inputs.items():
-        if name in ("input_ids", "attention_mask"):
-            feeds[name] = np.zeros((1, 1), np.int64)
-        elif name.startswith("past_key_values"):
-            dims = [d if isinstance(d, int) else None for d in info.shape]
-            if len(dims) != 4 or dims[1] is None:
-                raise ValueError(f"cannot build an empty KV cache for input {name} of shape {info.shape}")
-            head_size = dims[3] if dims[3] is not None else _head_size(model_dir, name)
-            dtype = np.float16 if "float16" in info.type else np.float32
-            feeds[name] = np.zeros((1, dims[1], 0, head_size), dtype)
-        else:
-            raise ValueError(f"calibration does not know how to feed model input {name!r}")
-    return feeds
-
-
-def _head_size(model_dir: Path, name: str) -> int:
-    """The builder leaves the KV head size symbolic; genai_config.json beside the model states it."""
-    import json
-
-    config = model_dir / "genai_config.json"
-    try:
-        return int(json.loads(config.read_text())["model"]["decoder"]["head_size"])
-    except (OSError, KeyError, ValueError) as e:
-        raise ValueError(f"the head size of {name} is symbolic and {config} does not give it ({e})") from e
+    logits = next((value for value in model.graph.outputs if value.name == "logits"), None)
+    shape = list(logits.shape) if logits is not None and logits.shape is not None else None
+    return vocab_size(shape, model_dir)

@@ -6,8 +6,9 @@ replaced by their dequantized values. Independent small errors add up in KL, so 
 the whole model's loss, measured through everything downstream of it (which a weight-space error cannot see:
 the same relative error costs more in some layers than in others). Groups are the transformer layers (the
 number in the node names, e.g. ``/model/layers.7/attn/qkv_proj/MatMul``); a weight outside any layer (the
-lm_head) is a group of its own. The weights become graph inputs, fed from the model's memory-mapped data, so
-one session serves every group.
+lm_head) is a group of its own. The weights become graph inputs of one
+:class:`olive_int4_pass.genai.decoder.DecoderRunner`, fed from the model's memory-mapped data, so one session
+serves every group.
 """
 
 from __future__ import annotations
@@ -43,42 +44,16 @@ class ImpactProbe:
     """
 
     def __init__(self, model_path: Path, weights: Mapping[str, np.ndarray], token_ids: Sequence[int]) -> None:
-        import onnx
-        import onnxruntime as ort
+        from olive_int4_pass.genai.decoder import DecoderRunner
 
-        from olive_int4_pass.plan.calibration import _empty_cache_feeds
-
-        model = onnx.load(str(model_path), load_external_data=False)
-        graph = model.graph
-        kept = [init for init in graph.initializer if init.name not in weights]
-        missing = set(weights) - {init.name for init in graph.initializer}
-        if missing:
-            raise ValueError(f"not initializers of {model_path}: {sorted(missing)[:5]}")
-        for init in graph.initializer:
-            if init.name in weights:
-                graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-        options = ort.SessionOptions()
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        del model
+        self.runner = DecoderRunner(model_path, weight_inputs=weights)
         self.weights = {name: np.ascontiguousarray(w) for name, w in weights.items()}
-        ids = np.asarray(token_ids, np.int64)[None, :]
-        self.feeds = {**_empty_cache_feeds(self.session, model_path.parent, weights), "input_ids": ids}
-        if "attention_mask" in self.feeds:
-            self.feeds["attention_mask"] = np.ones_like(ids)
-        outputs = [o.name for o in self.session.get_outputs()]
-        self.output = "logits" if "logits" in outputs else outputs[0]
+        self.token_ids = np.asarray(token_ids, np.int64)
         self.reference = self._logprobs({})
         self.probs = np.exp(self.reference)
 
     def _logprobs(self, replaced: Mapping[str, np.ndarray]) -> np.ndarray:
-        from olive_int4_pass.compare.metrics import log_softmax
-
-        feeds = {**self.feeds, **self.weights, **replaced}
-        logits = self.session.run([self.output], feeds)[0]
-        return log_softmax(np.asarray(logits, np.float32).reshape(-1, logits.shape[-1]))
+        return self.runner.log_probs(self.token_ids, {**self.weights, **replaced})
 
     def kl(self, replaced: Mapping[str, np.ndarray]) -> float:
         """Mean KL(reference || model with ``replaced`` weights) per position, in nats."""

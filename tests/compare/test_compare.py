@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,14 +17,22 @@ from olive_int4_pass.cli import main
 from olive_int4_pass.compare.metrics import (
     QualityTotals,
     kl_divergence,
-    log_softmax,
     perplexity,
     perplexity_change,
     token_nll,
     top1_agreement,
 )
 from olive_int4_pass.compare.scoring import token_windows
-from olive_int4_pass.compare.variants import build_variants, infer_label, size_on_disk
+from olive_int4_pass.compare.variants import (
+    QUANTIZED_PRESETS,
+    STAMP,
+    Variant,
+    _quantize,
+    build_variants,
+    infer_label,
+    size_on_disk,
+)
+from olive_int4_pass.genai.decoder import log_softmax
 from olive_int4_pass.olive.metric import evaluate_quality
 
 # Small enough to keep the module to well under a minute on 2 cores; the tiny model's context is 256 tokens.
@@ -105,6 +114,35 @@ def test_token_windows():
     assert [len(w) for w in token_windows(np.arange(100), 8, max_tokens=20)] == [8, 8, 4]
     with pytest.raises(ValueError, match="at least 2"):
         token_windows(np.arange(1), 4)
+
+
+# --- --calibration reaches every preset that calibrates ---
+
+
+def test_calibration_file_reaches_every_calibrating_preset(builder_exports, tmp_path, monkeypatch):
+    """``olive-int4 compare --calibration FILE``: int4-search calibrates without a quality preset, and used to be
+    quantized on the built-in text regardless."""
+    import olive_int4_pass.pipeline
+
+    calls = []
+
+    def fake_quantize_file(model_file, out, options, **kwargs):
+        calls.append(options)
+        Path(out).mkdir(parents=True)
+        shutil.copy(model_file, Path(out) / "model.onnx")
+
+    monkeypatch.setattr(olive_int4_pass.pipeline, "quantize_file", fake_quantize_file)
+    source = Variant("fp32", builder_exports["fp32-cpu"], "given")
+    text = str(tmp_path / "calibration.txt")
+    Path(text).write_text("A calibration text of the user's own. " * 20, encoding="utf-8")
+    for name in ("int4", "int4-search", "int4-balanced", "int4-max"):
+        variant = _quantize(name, source, QUANTIZED_PRESETS[name], text, tmp_path / "work")
+        recipe = json.loads((variant.package_dir / STAMP).read_text())["quantize"]["options"]
+        options = calls.pop()
+        assert options.calibration == recipe.get("calibration") == (text if name != "int4" else None), name
+    # Without the option the calibrating presets use their own text: the recipe differs, so they are rebuilt.
+    variant = _quantize("int4-search", source, QUANTIZED_PRESETS["int4-search"], None, tmp_path / "work")
+    assert calls.pop().calibration == "default" and not variant.origin.endswith("(reused)")
 
 
 # --- the command, end to end ---

@@ -18,8 +18,8 @@ from tokenizers import Tokenizer
 
 from olive_int4_pass.genai import chat as genai_chat
 from olive_int4_pass.genai.export import export_hf_model, resolve_hf_dir
+from olive_int4_pass.genai.files import PACKAGE_FILES
 from olive_int4_pass.genai.packaging import (
-    PACKAGE_FILES,
     build_package,
     package_dir_name,
     patch_genai_config,

@@ -115,7 +115,7 @@ def test_olive_workflow_calibrates_on_the_data_config(exports, script, tmp_path)
                 run(config)
                 print("NOT RAISED")
             except (ValueError, TypeError) as e:
-                print("RAISED:", type(e).__name__, e)
+                print("RAISED:", type(e).__name__, str(e).replace(chr(10), " "))
         """
     )
     # CI=1: Olive skips telemetry, which otherwise waits ~10 s for the network at exit.
@@ -125,7 +125,8 @@ def test_olive_workflow_calibrates_on_the_data_config(exports, script, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     raised = [line for line in result.stdout.splitlines() if line.startswith(("RAISED", "NOT RAISED"))]
     assert len(raised) == 2, result.stdout[-3000:]
-    assert raised[0].startswith("RAISED: ValueError") and "were both given" in raised[0]
+    # Refused when Olive reads the config (a pydantic ValidationError, which is a ValueError), before any run.
+    assert raised[0].startswith("RAISED: ") and "were both given" in raised[0]
     assert raised[1].startswith("RAISED: ValueError") and "gave no tokens" in raised[1]
     assert not (tmp_path / "both" / "model.onnx").exists() and not (tmp_path / "empty" / "model.onnx").exists()
 

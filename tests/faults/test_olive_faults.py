@@ -1,0 +1,116 @@
+"""Faults through ``olive run``: Olive 0.13 logs most exceptions as a failed pass and exits 0 ("No output model
+produced"); every failure of ours must end the run with a non-zero exit and a message naming the file and the cause,
+and no run may change its input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def tied(exports, tmp_path) -> Path:
+    folder = tmp_path / "tied"
+    shutil.copytree(exports("qwen2", tied=True)["fp32-cpu"], folder)
+    return folder
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def olive_run(config: dict, cwd: Path) -> subprocess.CompletedProcess:
+    path = cwd / "workflow.json"
+    path.write_text(json.dumps(config))
+    env = {**os.environ, "OLIVE_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1", "CI": "1"}
+    cmd = [sys.executable, "-m", "olive", "run", "--config", str(path)]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def workflow(model_path: Path, output_dir: Path, **pass_config) -> dict:
+    return {
+        "input_model": {"type": "ONNXModel", "model_path": str(model_path)},
+        "passes": {"int4": {"type": "OnnxInt4RtnQuantization", **pass_config}},
+        "output_dir": str(output_dir),
+        "log_severity_level": 1,
+    }
+
+
+def test_output_dir_holding_the_input_is_refused(tied, tmp_path):
+    before = digest(tied)
+    result = olive_run(workflow(tied / "model.onnx", tied), tmp_path)
+    assert result.returncode != 0
+    assert "is the folder of the input model" in result.stdout + result.stderr
+    assert digest(tied) == before  # the float model survives
+
+
+def test_broken_tokenizer_during_calibration_fails_the_run(tied, tmp_path):
+    (tied / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": ')  # truncated
+    result = olive_run(
+        workflow(tied / "model.onnx", tmp_path / "out", scale_search=True, calibration="default"), tmp_path
+    )
+    assert result.returncode != 0
+    assert "tokenizer.json" in result.stdout + result.stderr
+    assert not list((tmp_path / "out").glob("*.onnx")) if (tmp_path / "out").exists() else True
+
+
+def test_a_failing_pass_raises_a_value_error_in_process(tied, tmp_path, monkeypatch):
+    # Any non-ValueError inside our pass (here an OSError while saving) reaches Olive as a ValueError it re-raises.
+    import errno
+
+    from olive.workflows import run
+
+    import olive_int4_pass.model_io as model_io
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out"))
+
+    monkeypatch.setattr(model_io, "_save", full_disk)
+    config = workflow(tied / "model.onnx", tmp_path / "out")
+    config["cache_dir"] = str(tmp_path / "cache")
+    with pytest.raises(ValueError, match="no space left"):
+        run(config)
+
+
+def test_invalid_hf_config_fails_the_run(tiny_qwen2, tmp_path):
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny_qwen2, hf)
+    (hf / "config.json").write_text("{ not json")
+    config = {
+        "input_model": {"type": "HfModel", "model_path": str(hf)},
+        "passes": {"export": {"type": "GenAIModelExport"}, "int4": {"type": "OnnxInt4RtnQuantization"}},
+        "output_dir": str(tmp_path / "out"),
+        "log_severity_level": 1,
+    }
+    result = olive_run(config, tmp_path)
+    assert result.returncode != 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "config.json" in result.stdout + result.stderr
+
+
+def test_any_swallowed_failure_still_fails_a_workflow_of_ours(tiny_qwen2, tmp_path, monkeypatch):
+    # Olive logs a failure outside our passes (here: its own handler reading a broken config.json, with our
+    # config.json pre-check switched off) and returns no model; a workflow with our passes raises instead.
+    from olive.workflows import run
+
+    import olive_int4_pass.olive.registration as registration
+
+    monkeypatch.setattr(registration, "_check_hf_config", lambda config: None)
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny_qwen2, hf)
+    (hf / "config.json").write_text("{ not json")
+    config = {
+        "input_model": {"type": "HfModel", "model_path": str(hf)},
+        "passes": {"export": {"type": "GenAIModelExport"}},
+        "output_dir": str(tmp_path / "out"),
+        "cache_dir": str(tmp_path / "cache"),
+        "log_severity_level": 3,
+    }
+    with pytest.raises(ValueError, match="produced no output model"):
+        run(config)
