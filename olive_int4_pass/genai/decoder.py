@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -137,38 +138,7 @@ class DecoderRunner:
         return model
 
     def _cache_feeds(self) -> dict[str, np.ndarray]:
-        """The empty KV cache, and a check that every other input is one :meth:`feeds` or the caller fills."""
-        if "input_ids" not in self.inputs:
-            raise ValueError(
-                f"{self.model_path} is not a genai-builder-layout decoder: it has no input_ids input (its inputs:"
-                f" {sorted(self.inputs)})"
-            )
-        config = None
-        feeds = {}
-        for name, info in self.inputs.items():
-            if name in ("input_ids", "attention_mask", "position_ids") or name in self.weight_inputs:
-                continue
-            if not name.startswith("past_key_values"):
-                raise ValueError(
-                    f"{self.model_path}: cannot feed decoder input {name!r} (a genai-builder-layout decoder takes"
-                    " input_ids, attention_mask, position_ids and past_key_values.*)"
-                )
-            dims = [d if isinstance(d, int) else None for d in info.shape or []]
-            if len(dims) != 4 or info.type not in _KV_DTYPES:
-                raise ValueError(
-                    f"{self.model_path}: cannot build an empty KV cache for {name} ({info.type} {info.shape})"
-                )
-            if None in (dims[1], dims[3]):  # the builder leaves the head size symbolic; genai_config.json states it
-                try:
-                    config = config or GenAIConfig.read(self.config_dir / GENAI_CONFIG)
-                    heads = dims[1] or config.num_key_value_heads
-                    head_size = dims[3] or config.head_size
-                except ValueError as e:
-                    raise ValueError(f"the KV shape of {name} in {self.model_path} is symbolic: {e}") from e
-            else:
-                heads, head_size = dims[1], dims[3]
-            feeds[name] = np.zeros((1, heads, 0, head_size), _KV_DTYPES[info.type])
-        return feeds
+        return empty_cache(self.inputs, self.model_path, self.config_dir, self.weight_inputs)
 
     @property
     def vocab_size(self) -> int:
@@ -183,13 +153,7 @@ class DecoderRunner:
 
     def feeds(self, input_ids: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         """Inputs for one sequence (batch of one) with an empty KV cache; weight inputs are the caller's."""
-        ids = np.asarray(input_ids, np.int64)[None, :]
-        feeds = {**self._empty_cache, "input_ids": ids}
-        if "attention_mask" in self.inputs:
-            feeds["attention_mask"] = np.ones_like(ids)
-        if "position_ids" in self.inputs:
-            feeds["position_ids"] = np.arange(ids.shape[1], dtype=np.int64)[None, :]
-        return feeds
+        return sequence_feeds(input_ids, self.inputs, self._empty_cache)
 
     def run(
         self,
@@ -212,3 +176,55 @@ class DecoderRunner:
     ) -> np.ndarray:
         """:func:`log_softmax` of :meth:`logits` (float32)."""
         return log_softmax(self.logits(input_ids, extra_feeds))
+
+
+def empty_cache(
+    inputs: Mapping[str, Any], model_path: Path, config_dir: Path, skip: Iterable[str] = ()
+) -> dict[str, np.ndarray]:
+    """The empty KV cache for a decoder's ``inputs`` (name -> an object with ``.type`` like ``tensor(float16)`` and
+    ``.shape``, as onnxruntime's ``NodeArg``), and a check that every other input is one :func:`sequence_feeds` or
+    the caller fills (``skip``)."""
+    if "input_ids" not in inputs:
+        raise ValueError(
+            f"{model_path} is not a genai-builder-layout decoder: it has no input_ids input (its inputs:"
+            f" {sorted(inputs)})"
+        )
+    skip = set(skip)
+    config = None
+    feeds = {}
+    for name, info in inputs.items():
+        if name in ("input_ids", "attention_mask", "position_ids") or name in skip:
+            continue
+        if not name.startswith("past_key_values"):
+            raise ValueError(
+                f"{model_path}: cannot feed decoder input {name!r} (a genai-builder-layout decoder takes"
+                " input_ids, attention_mask, position_ids and past_key_values.*)"
+            )
+        dims = [d if isinstance(d, int) else None for d in info.shape or []]
+        if len(dims) != 4 or info.type not in _KV_DTYPES:
+            raise ValueError(f"{model_path}: cannot build an empty KV cache for {name} ({info.type} {info.shape})")
+        if None in (dims[1], dims[3]):  # the builder leaves the head size symbolic; genai_config.json states it
+            try:
+                config = config or GenAIConfig.read(config_dir / GENAI_CONFIG)
+                heads = dims[1] or config.num_key_value_heads
+                head_size = dims[3] or config.head_size
+            except ValueError as e:
+                raise ValueError(f"the KV shape of {name} in {model_path} is symbolic: {e}") from e
+        else:
+            heads, head_size = dims[1], dims[3]
+        feeds[name] = np.zeros((1, heads, 0, head_size), _KV_DTYPES[info.type])
+    return feeds
+
+
+def sequence_feeds(
+    input_ids: Sequence[int] | np.ndarray, inputs: Iterable[str], cache: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Feeds for one sequence (batch of one) of a decoder whose inputs are named ``inputs``."""
+    inputs = set(inputs)
+    ids = np.asarray(input_ids, np.int64)[None, :]
+    feeds = {**cache, "input_ids": ids}
+    if "attention_mask" in inputs:
+        feeds["attention_mask"] = np.ones_like(ids)
+    if "position_ids" in inputs:
+        feeds["position_ids"] = np.arange(ids.shape[1], dtype=np.int64)[None, :]
+    return feeds

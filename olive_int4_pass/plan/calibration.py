@@ -80,29 +80,59 @@ def input_second_moments(
     activations: Iterable[str],
     token_ids: Sequence[int] | Sequence[Sequence[int]],
     window: int = _WINDOW,
+    *,
+    layerwise: bool | None = None,
 ) -> dict[str, np.ndarray]:
     """``{activation name: E[x^2] per channel}`` over ``token_ids``, run in windows of ``window`` tokens.
 
     ``token_ids`` is one token sequence or a list of sequences (independent samples); each sequence is cut into
-    its own windows, so no window spans two samples.
+    its own windows, so no window spans two samples. The decoder runs one transformer layer at a time
+    (:mod:`olive_int4_pass.genai.layers`: memory bounded by one layer's weights); a graph that cannot be cut runs
+    whole, and the log says why. ``layerwise``: force one way (None: layer by layer where possible).
     """
+    names = sorted(set(activations))
+    windows = [
+        sequence[start : start + window]
+        for sequence in _sequences(token_ids)
+        for start in range(0, len(sequence), window)
+    ]
+    windows = [w for w in windows if len(w)]
+    if not windows:
+        raise ValueError("no calibration tokens to run")
+    sums: dict[str, np.ndarray | None] = {name: None for name in names}
+
+    def add(name: str, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+        sq = np.einsum("ij,ij->j", x, x)
+        sums[name] = sq if sums[name] is None else sums[name] + sq
+
+    if layerwise is not False:
+        from olive_int4_pass.genai.layers import LayeredDecoder, NotCuttable
+
+        try:
+            decoder = LayeredDecoder(model_path, names)
+        except NotCuttable as e:
+            if layerwise:
+                raise
+            logger.info("Calibrating on the whole model at once (%s cannot be cut into layers: %s)", model_path, e)
+        else:
+            logger.info("Calibrating layer by layer: %d segments", len(decoder.segments))
+            decoder.run(windows, lambda _, name, x: add(name, x))
+            return _means(sums, sum(map(len, windows)))
+
     from olive_int4_pass.genai.decoder import DecoderRunner
 
-    names = sorted(set(activations))
     runner = DecoderRunner(model_path, extra_outputs=names)
-    sums = {name: None for name in names}
-    count = 0
-    for sequence in _sequences(token_ids):
-        for start in range(0, len(sequence), window):
-            ids = sequence[start : start + window]
-            outputs = runner.run(ids, names)
-            for name, x in zip(names, outputs, strict=True):
-                x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
-                sq = np.einsum("ij,ij->j", x, x)
-                sums[name] = sq if sums[name] is None else sums[name] + sq
-            count += len(ids)
-    if count == 0:
-        raise ValueError("no calibration tokens to run")
+    for ids in windows:
+        for name, x in zip(names, runner.run(ids, names), strict=True):
+            add(name, x)
+    return _means(sums, sum(map(len, windows)))
+
+
+def _means(sums: dict[str, np.ndarray | None], count: int) -> dict[str, np.ndarray]:
+    missing = [name for name, s in sums.items() if s is None]
+    if missing:
+        raise ValueError(f"calibration saw no values for {missing[:5]}")
     return {name: s / count for name, s in sums.items()}
 
 

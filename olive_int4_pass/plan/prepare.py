@@ -52,6 +52,7 @@ def prepare_quality_plan(
         num_tokens = len(token_ids)
     quality.importance = input_second_moments(model_path, activations, token_ids)
     seconds = time.perf_counter() - start
+    quality.seconds["calibration"] = seconds
     logger.info("Calibrated %d MatMul inputs on %d tokens in %.1f s.", len(activations), num_tokens, seconds)
     if opts.mixed_precision_budget and opts.bits < 8:
         chosen = {c.name for c in candidates.values()}
@@ -62,7 +63,9 @@ def prepare_quality_plan(
         )
         probe = None
         if opts.sensitivity == "measured":
+            start = time.perf_counter()
             probe = impact_probe(candidates, opts.sensitivity_tokens, model_path, token_ids)
+            quality.seconds["sensitivity"] = time.perf_counter() - start
         quality.choose_bits(candidates, opts.bits, fixed, probe)
     return seconds
 

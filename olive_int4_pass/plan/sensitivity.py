@@ -13,18 +13,17 @@ serves every group.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-_LAYER = re.compile(r"(?:^|[/._])(?:layers|layer|blocks|block|h)[._]?(\d+)(?=[/._]|$)")
+from olive_int4_pass.genai.layers import LAYER
 
 
 def layer_of(node_names: Iterable[str]) -> str | None:
     """``"layer 7"`` for a weight read by ``/model/layers.7/...`` nodes; None outside a numbered layer."""
-    found = {m.group(1) for name in node_names for m in [_LAYER.search(name)] if m}
+    found = {m.group(1) for name in node_names for m in [LAYER.search(name)] if m}
     return f"layer {found.pop()}" if len(found) == 1 else None
 
 

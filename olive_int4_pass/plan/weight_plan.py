@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import numpy as np
 
@@ -35,6 +36,7 @@ class QualityPlan:
         self.searched: dict[tuple[WeightKey, int], SearchResult] = {}
         self.errors: dict[str, dict] = {}
         self.group_kl: dict[str, float] = {}  # measured sensitivity, when asked for
+        self.seconds: dict[str, float] = {}  # where planning time went: calibration, sensitivity, search
         self._lock = threading.Lock()
 
     def quantize(self, key: WeightKey, candidate: Candidate, bits: int) -> QuantizedWeight:
@@ -99,6 +101,7 @@ class QualityPlan:
         """
         opts = self.options
         sensitivity: dict[WeightKey, float] = {}
+        start = time.perf_counter()
         for key, cand in candidates.items():
             importance = self.importance.get(cand.activation) if cand.activation else None
             if opts.scale_search:
@@ -117,8 +120,11 @@ class QualityPlan:
                 )
                 error = result.rtn_weighted_error
             sensitivity[key] = error / max(result.weighted_energy, 1e-30)
+        self.seconds["search"] = self.seconds.get("search", 0.0) + time.perf_counter() - start
         if probe is not None:
+            start = time.perf_counter()
             sensitivity = self._measured(candidates, sensitivity, default_bits, probe)
+            self.seconds["sensitivity"] = self.seconds.get("sensitivity", 0.0) + time.perf_counter() - start
 
         def size(c: Candidate, bits: int, symmetric: bool = opts.is_symmetric) -> int:
             return quantized_bytes(c.k, c.n, opts.block_size, bits, c.source.dtype.itemsize, symmetric)

@@ -1,0 +1,105 @@
+"""Layer-by-layer calibration: the same statistics as running the whole float model, so the same bits and bytes,
+with each onnxruntime session holding one layer's weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+from onnx_helpers import make_model, tensor_info
+
+from olive_int4_pass.genai.layers import LayeredDecoder, NotCuttable, cut
+from olive_int4_pass.options import QuantizeOptions
+from olive_int4_pass.pipeline import quantize_file
+from olive_int4_pass.plan import calibration
+
+
+def matmul_inputs(model_path) -> list[str]:
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return sorted({n.input[0] for n in graph.node if n.op_type == "MatMul"})
+
+
+@pytest.mark.parametrize("target", ["fp32-cpu", "fp16-cuda"])
+def test_layerwise_second_moments_equal_the_whole_model_ones(exports, target):
+    model = exports("qwen2")[target] / "model.onnx"
+    names = matmul_inputs(model)
+    samples = [list(range(3, 200)), list(range(250, 40, -3))]  # two samples, several windows each
+    layered = calibration.input_second_moments(model, names, samples, window=64, layerwise=True)
+    whole = calibration.input_second_moments(model, names, samples, window=64, layerwise=False)
+    assert layered.keys() == whole.keys() == set(names)
+    for name in names:
+        np.testing.assert_allclose(layered[name], whole[name], rtol=1e-6, err_msg=name)
+        assert (whole[name] > 0).all()
+
+
+def test_each_segment_holds_one_layer_and_never_the_lm_head(exports):
+    model = exports("qwen2", tied=True)["fp32-cpu"] / "model.onnx"
+    proto = onnx.load(str(model), load_external_data=False)
+    segments = cut(proto.graph, matmul_inputs(model))
+    assert [s.name for s in segments] == ["before the layers", "layer 0", "layer 1", "layer 2"]
+    inits = {i.name for i in proto.graph.initializer}
+    for segment in segments:
+        weights = {x for i in segment.nodes for x in proto.graph.node[i].input if x in inits and "MatMul" in x}
+        layers = {w.split(".")[2] for w in weights if w.startswith("model.layers.")}
+        assert len(layers) <= 1, (segment.name, weights)
+        # The logits are nobody's input: the lm_head MatMul is never run (the tied embedding still reads its table).
+        assert not any("logits" in proto.graph.node[i].output for i in segment.nodes)
+    # Between two layers only hidden states (and the attention mask's lengths, the empty KV cache) cross.
+    assert all(not x.startswith("model.") for s in segments for x in s.inputs)
+
+
+def test_presets_give_the_same_bytes_either_way(exports, tmp_path, monkeypatch):
+    model = exports("qwen2")["fp32-cpu"] / "model.onnx"
+    options = QuantizeOptions(quality="balanced", calibration_tokens=512)
+    layered = quantize_file(model, tmp_path / "layered", options, progress=False)
+    original = calibration.input_second_moments
+    monkeypatch.setattr(calibration, "input_second_moments", lambda *a, **k: original(*a, **{**k, "layerwise": False}))
+    import olive_int4_pass.plan.prepare as prepare
+
+    monkeypatch.setattr(prepare, "input_second_moments", calibration.input_second_moments)
+    whole = quantize_file(model, tmp_path / "whole", options, progress=False)
+
+    def digest(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    assert digest(layered.parent / "model.onnx.data") == digest(whole.parent / "model.onnx.data")
+    bits = [
+        {
+            k: v["bits"]
+            for k, v in json.loads((p.parent / "quantization_report.json").read_text())["weights_worst_first"].items()
+        }
+        for p in (layered, whole)
+    ]
+    assert bits[0] == bits[1] and 8 in bits[0].values()  # the budget bought some 8-bit tensors, the same ones
+
+
+def test_a_graph_without_layers_falls_back_and_says_why(tmp_path, caplog):
+    path = tmp_path / "model.onnx"
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Gather", ["E", "input_ids"], ["h"], name="embed"),
+        helper.make_node("MatMul", ["h", "W"], ["logits"], name="head"),
+    ]
+    inits = {
+        "E": rng.standard_normal((50, 32)).astype(np.float32),
+        "W": rng.standard_normal((32, 50)).astype(np.float32),
+    }
+    make_model(
+        nodes,
+        [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [1, None])],
+        [tensor_info("logits", np.float32, [1, None, 50])],
+        inits,
+        path,
+    )
+    with pytest.raises(NotCuttable, match="numbered transformer layer"):
+        LayeredDecoder(path, ["h"])
+    with caplog.at_level(logging.INFO, logger="olive_int4_pass"):
+        moments = calibration.input_second_moments(path, ["h"], list(range(40)))
+    assert "cannot be cut into layers" in caplog.text
+    expected = (inits["E"][np.arange(40)].astype(np.float64) ** 2).mean(axis=0)  # E[x^2] by hand
+    np.testing.assert_allclose(moments["h"], expected, rtol=1e-6)
