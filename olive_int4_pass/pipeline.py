@@ -64,6 +64,7 @@ def quantize_model(
         from olive_int4_pass.plan.prepare import prepare_quality_plan
 
         calibration_seconds = prepare_quality_plan(quality, planning.candidates, model, model_path, calibration_ids)
+    options = quality.options  # the plan may have re-planned to fit the budget (symmetric, lm_head kept at 4 bits)
     state = QuantizationState(options, model.graph, planning, quality)
     # Embeddings last: a tied table shares the tensor its lm_head MatMul got.
     for rule_set in [*quantization_rules(state), embedding_rules(state)]:

@@ -7,6 +7,7 @@ activation statistics from :mod:`olive_int4_pass.plan.calibration`, sensitivitie
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -99,6 +100,7 @@ class QualityPlan:
         a budget of 0.03 lets the whole model grow by 3 %. With a ``probe`` (``sensitivity="measured"``) the
         cost is each layer's measured KL at the logits, shared among its weights by their relative errors.
         """
+        self._fit_budget(candidates, default_bits, fixed_bytes)
         opts = self.options
         sensitivity: dict[WeightKey, float] = {}
         start = time.perf_counter()
@@ -134,7 +136,7 @@ class QualityPlan:
         plain = {key: size(c, default_bits, True) for key, c in candidates.items()}
         sizes = {key: size(c, default_bits) for key, c in candidates.items()}
         extra = {key: size(c, 8) - sizes[key] for key, c in candidates.items()}
-        imposed = {key for key, c in candidates.items() if c.min_bits >= 8}
+        imposed = {key for key, c in candidates.items() if c.min_bits >= 8 and self.bits.get(key, 8) >= 8}
         prepaid = sum(extra[key] for key in imposed) + sum(sizes.values()) - sum(plain.values())
         upgraded = choose_upgrades(
             {k: v for k, v in sensitivity.items() if k not in imposed},
@@ -150,6 +152,50 @@ class QualityPlan:
             names = ", ".join(sorted(candidates[k].name for k in upgraded))
             added = sum(extra[k] for k in upgraded)
             logger.info("Mixed precision: %d weights at 8 bits (+%.1f MB): %s", len(upgraded), added / 1e6, names)
+
+    def _fit_budget(self, candidates: dict[WeightKey, Candidate], default_bits: int, fixed_bytes: int) -> None:
+        """Make the budget a hard cap: zero points that alone exceed it are dropped (the model goes symmetric), then
+        imposed 8-bit tensors (an lm_head at int8) that do not fit are kept at ``default_bits``; the log says so."""
+        opts = self.options
+
+        def size(c: Candidate, bits: int, symmetric: bool) -> int:
+            return quantized_bytes(c.k, c.n, opts.block_size, bits, c.source.dtype.itemsize, symmetric)
+
+        plain = sum(size(c, default_bits, True) for c in candidates.values())
+        allowance = (opts.mixed_precision_budget or 0.0) * (plain + fixed_bytes)
+        spent = 0.0
+        if not opts.is_symmetric:
+            spent = sum(size(c, default_bits, False) for c in candidates.values()) - plain
+            if spent > allowance:
+                logger.warning(
+                    "Budget: zero points alone add %.2f MB, more than the %.2f MB allowed (+%.1f %%): quantizing"
+                    " symmetric instead",
+                    spent / 1e6,
+                    allowance / 1e6,
+                    100 * (opts.mixed_precision_budget or 0.0),
+                )
+                self.options = dataclasses.replace(opts, is_symmetric=True)
+                opts, spent = self.options, 0.0
+        imposed = sorted(
+            (key for key, c in candidates.items() if c.min_bits >= 8),
+            key=lambda k: size(candidates[k], 8, opts.is_symmetric),
+        )
+        for key in imposed:  # the smallest first: keep as many imposed 8-bit tensors as fit
+            c = candidates[key]
+            extra = size(c, 8, opts.is_symmetric) - size(c, default_bits, opts.is_symmetric)
+            if spent + extra <= allowance:
+                spent += extra
+                continue
+            self.bits[key] = default_bits
+            logger.warning(
+                "Budget: %s at 8 bits would add %.2f MB, more than the %.2f MB left of the budget (+%.1f %%): kept"
+                " at %d bits",
+                c.name,
+                extra / 1e6,
+                max(allowance - spent, 0.0) / 1e6,
+                100 * (opts.mixed_precision_budget or 0.0),
+                default_bits,
+            )
 
     def _measured(
         self, candidates: dict[WeightKey, Candidate], relative: dict[WeightKey, float], bits: int, probe: ImpactProbe

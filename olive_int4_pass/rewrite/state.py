@@ -60,7 +60,8 @@ class QuantizationState:
             return MatchResult().fail(self.skipped.get(node.name or "<unnamed>", "not planned"))
         if plan.weight is not w or plan.fused_add is not fused_add:
             return MatchResult().fail("planned in another form")
-        return max(plan.bits, self.quality.bits.get(self.planning.key(plan), plan.bits))
+        # The weight plan's choice wins: 8 bits bought by the budget, or an imposed 8 bits that did not fit it.
+        return self.quality.bits.get(self.planning.key(plan), plan.bits)
 
     def embedding_bits(self, node: ir.Node, table: ir.Value, tied: bool) -> int | MatchResult:
         """The bit width of an embedding Gather's table (its lm_head's when shared), or why it stays float."""
