@@ -25,7 +25,7 @@ class QuantizationReport:
     tied_decisions: list[str] = dataclasses.field(default_factory=list)
     weight_errors: dict[str, dict] = dataclasses.field(default_factory=dict)
     calibration_seconds: float | None = None
-    seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # calibration, sensitivity, search, write
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # calibration, sensitivity, search
     measured_kl: dict[str, float] = dataclasses.field(default_factory=dict)  # sensitivity="measured", by group
 
     def to_json(self) -> dict:
@@ -37,7 +37,7 @@ class QuantizationReport:
             "quantized_bytes": self.quantized_bytes,
             "tied_embeddings": self.tied_decisions,
             "calibration_seconds": self.calibration_seconds,
-            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "seconds_before_writing": {k: round(v, 3) for k, v in self.seconds.items()},
             "weights_worst_first": dict(worst),
             "measured_kl_by_group": dict(sorted(self.measured_kl.items(), key=lambda kv: -kv[1])),
         }
