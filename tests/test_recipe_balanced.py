@@ -13,16 +13,9 @@ import numpy as np
 from onnx_helpers import initializers, load_onnx, nodes_of
 
 from olive_int4_pass.genai.chat import generate, load_model
+from olive_int4_pass.genai.files import PACKAGE_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE_FILES = {
-    "genai_config.json",
-    "model.onnx",
-    "model.onnx.data",
-    "special_tokens_map.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-}
 ENV = {**os.environ, "CI": "1", "OLIVE_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1"}
 
 
@@ -33,7 +26,7 @@ def test_balanced_recipe_end_to_end(exports, tmp_path):
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     package = tmp_path / "out" / "gpu" / "gpu-int4-balanced-block-32"
-    assert {p.name for p in package.iterdir()} == PACKAGE_FILES
+    assert {p.name for p in package.iterdir()} == set(PACKAGE_FILES)
     assert not (tmp_path / "out" / "gpu" / "gpu-int4-rtn-block-32").exists()
 
     ours, rtn = load_onnx(package / "model.onnx"), load_onnx(built["int4-cuda"] / "model.onnx")

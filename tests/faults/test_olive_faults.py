@@ -15,13 +15,6 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture
-def tied(exports, tmp_path) -> Path:
-    folder = tmp_path / "tied"
-    shutil.copytree(exports("qwen2", tied=True)["fp32-cpu"], folder)
-    return folder
-
-
 def digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,13 +22,6 @@ from onnx import helper
 from onnx_helpers import make_model, tensor_info
 
 from olive_int4_pass.cli import main
-
-
-@pytest.fixture
-def tied(exports, tmp_path) -> Path:
-    folder = tmp_path / "tied"
-    shutil.copytree(exports("qwen2", tied=True)["fp32-cpu"], folder)
-    return folder
 
 
 def digest(folder: Path) -> dict[str, str]:
