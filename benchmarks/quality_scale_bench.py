@@ -28,6 +28,7 @@ from pathlib import Path
 _GB = 1e9
 PRESETS = {
     "int4": {},
+    "calibrate": {"calibration": "default"},  # the calibration pass alone: the weights stay plain RTN
     "balanced": {"quality": "balanced"},
     "max": {"quality": "max"},
 }
