@@ -111,9 +111,13 @@ def test_output_under_a_regular_file(tied, tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "not a folder"
 
 
-def test_failed_run_leaves_no_new_parent_folders(tied, tmp_path, capsys):
-    argv = ["quantize", str(tied / "model.onnx"), str(tmp_path / "a" / "b" / "out"), "--calibration", "missing.txt"]
-    fails([*argv, "--scale-search", "--quiet"], capsys, "missing.txt")
+def test_failed_run_leaves_no_new_parent_folders(tmp_path, capsys):
+    w = np.ones((64, 32), np.float32)
+    w[3, 4] = np.nan  # found while the model is written, after the output folders were made
+    src = tmp_path / "in" / "model.onnx"
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")]
+    make_model(nodes, [tensor_info("x", np.float32, [2, 64])], [tensor_info("y", np.float32, [2, 32])], {"W": w}, src)
+    fails(["quantize", str(src), str(tmp_path / "a" / "b" / "out"), "--quiet"], capsys, "'W'", "non-finite")
     assert not (tmp_path / "a").exists()
 
 
