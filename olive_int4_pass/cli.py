@@ -193,7 +193,7 @@ def _compare(args: argparse.Namespace) -> int:
         settings=settings,
         calibration=args.calibration,
         work_dir=args.work_dir,
-        progress=not args.quiet,
+        progress=False if args.quiet else None,  # None: bars only on a terminal, as quantize draws them
     )
     print(result.markdown_path.read_text(encoding="utf-8").split("\n\nColumns:")[0])
     print()

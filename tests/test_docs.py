@@ -195,3 +195,20 @@ def test_old_path_pattern_catches_old_and_spares_new_paths():
         "olive_int4_pass.rewrite.embedding_rules",
     ):
         assert not OLD_PATH.search(new) and not OLD_COMPARE_FUNCTION.search(new), new
+
+
+def test_every_test_named_in_the_testing_page_exists():
+    """docs/testing.md maps promises to `tests/x.py::test_y` (a bare `::test_z` is in the file named before it)."""
+    text = (ROOT / "docs" / "testing.md").read_text(encoding="utf-8")
+    named, current = [], None
+    for match in re.finditer(r"`(tests/[\w/]+\.py)?::(test_\w+)`", text):
+        current = match.group(1) or current
+        assert current, f"::{match.group(2)} names no file before it"
+        named.append((current, match.group(2)))
+    assert len(named) > 50, "the page lost its table"
+    missing = [
+        f"{path}::{name}"
+        for path, name in named
+        if not re.search(rf"^def {name}\(", (ROOT / path).read_text(encoding="utf-8"), re.M)
+    ]
+    assert not missing, f"docs/testing.md names tests that do not exist: {missing}"

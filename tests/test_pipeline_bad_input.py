@@ -9,6 +9,7 @@ import pytest
 from onnx import helper
 from onnx_helpers import load_onnx, make_model, run, tensor_info
 
+from olive_int4_pass.cli import main
 from olive_int4_pass.options import QuantizeOptions
 from olive_int4_pass.pipeline import InvalidModelError, quantize_file
 
@@ -60,11 +61,18 @@ def test_truncated_external_data(tmp_path):
 
 
 @pytest.mark.parametrize("block_size", [0, 12, 48])
-def test_bad_block_size(tmp_path, block_size):
+def test_bad_block_size(tmp_path, capsys, block_size):
+    """Refused before anything is read or written: by QuantizeOptions (Python, the Olive pass) and the CLI."""
     src = small_model(tmp_path / "in" / "model.onnx")
+    before = digest(src.parent)
+    out = tmp_path / "out"
     with pytest.raises(ValueError, match="power of two >= 16"):
-        QuantizeOptions(block_size=block_size)
-    assert not (tmp_path / "out").exists() and digest(src.parent)
+        quantize_file(src, out, QuantizeOptions(block_size=block_size), progress=False)
+    assert main(["quantize", str(src), str(out), "--block-size", str(block_size)]) == 2
+    assert "power of two" in capsys.readouterr().err
+    assert not out.exists(), "no output on failure"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"], "a temporary folder was left behind"
+    assert digest(src.parent) == before, "input modified"
 
 
 def test_nan_weight_names_the_tensor(tmp_path):

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from onnx_helpers import initializers, load_onnx
 from tiny_models import save_tiny_model
 
 from olive_int4_pass.cli import main
@@ -301,3 +303,82 @@ def test_olive_run_reports_quality(compared, tmp_path):
     assert metrics["quality-kl_divergence"]["value"] == pytest.approx(row["kl_divergence"], rel=1e-9)
     assert metrics["quality-top1_agreement"]["value"] == pytest.approx(row["top1_agreement"], rel=1e-9)
     assert metrics["quality-perplexity"]["value"] == pytest.approx(row["perplexity"], rel=1e-9)
+
+
+# --- progress bars ---
+
+
+def run_in_pty(cmd: list[str], cwd: Path, timeout: float = 300) -> tuple[int, str]:
+    """Run ``cmd`` with stdin/stdout/stderr on a pseudo-terminal (as in a user's shell): exit code and output."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    # 40 rows x 120 columns: a new pseudo-terminal is 0 x 0, and tqdm draws a bar 0 columns wide.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(cmd, cwd=cwd, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    return proc.wait(timeout=30), b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_compare_shows_progress_bars_on_a_terminal(compared, tmp_path):
+    """docs/compare.md: "with progress bars meanwhile" - tqdm's bars, drawn with carriage returns, on a terminal."""
+    variants = compared["out"] / "variants"
+    argv = ["compare", "-o", str(tmp_path / "out"), "--variants", "fp32,int4", "--runs", "0"]
+    argv += ["--use", f"fp32={variants / 'fp32'}", "--use", f"int4={variants / 'int4'}"]
+    argv += ["--window", "64", "--max-tokens", "256"]
+    code, output = run_in_pty([sys.executable, "-m", "olive_int4_pass", *argv], tmp_path)
+    assert code == 0, output[-3000:]
+    assert re.search(r"accuracy: +100%\|[█ ]*\| 2/2", output), output[-3000:]  # the variants' bar, finished
+    assert re.search(r"fp32: +\d+%\|.*window", output), output[-3000:]  # a bar over each variant's windows
+    assert "\r" in output  # redrawn in place
+    # --quiet: no bar, the table alone.
+    code, quiet = run_in_pty([sys.executable, "-m", "olive_int4_pass", *argv, "--quiet"], tmp_path)
+    assert code == 0 and "| fp32 (ref) |" in quiet and "%|" not in quiet, quiet[-3000:]
+    # Off a terminal (a log file, CI): no bar either, as quantize draws its own only on a terminal.
+    piped = subprocess.run(
+        [sys.executable, "-m", "olive_int4_pass", *argv], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert piped.returncode == 0 and "%|" not in piped.stderr + piped.stdout, piped.stderr[-3000:]
+
+
+# --- int4-search: "the int4 size exactly" ---
+
+
+def test_int4_search_is_the_int4_size_exactly(builder_exports, tmp_path):
+    """docs/compare.md and docs/quality.md: int4-search costs no byte over int4. Sizes from the file system."""
+    from olive_int4_pass.options import QuantizeOptions
+    from olive_int4_pass.pipeline import quantize_file
+
+    src = builder_exports["fp32-cpu"] / "model.onnx"
+    out = {}
+    for name in ("int4", "int4-search"):
+        out[name] = quantize_file(src, tmp_path / name, QuantizeOptions(**QUANTIZED_PRESETS[name]), progress=False)
+    for file in ("model.onnx", "model.onnx.data"):
+        assert (tmp_path / "int4" / file).stat().st_size == (tmp_path / "int4-search" / file).stat().st_size, file
+    plain, searched = (initializers(load_onnx(out[name])) for name in ("int4", "int4-search"))
+    assert {k: (v.dtype, v.shape) for k, v in plain.items()} == {k: (v.dtype, v.shape) for k, v in searched.items()}
+    changed = [k for k in plain if k.endswith("_scales") and not np.array_equal(plain[k], searched[k])]
+    assert changed  # it did search: same bytes on disk, other scales

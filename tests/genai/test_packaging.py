@@ -12,6 +12,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+from hf_reference import check_greedy_tokens, ort_greedy
 from onnx_helpers import load_onnx
 from tiny_models import BOS, EOS
 from tokenizers import Tokenizer
@@ -131,8 +132,11 @@ def test_build_package_writes_a_verified_folder(tiny_qwen2, builder_exports, tmp
     config = json.loads((folder / "tokenizer_config.json").read_text())
     assert config["chat_template"] == (source / "chat_template.jinja").read_text()
     assert "is_local" not in config  # transformers-5 session keys are dropped
-    # Runs here without CUDA: load_model clears the cuda provider when CUDA is unavailable.
-    assert len(genai_chat.verify_package(folder, max_new_tokens=3)) == 3
+    # Runs here without CUDA: load_model clears the cuda provider when CUDA is unavailable. The tokens it checks
+    # with are the source model's greedy tokens for the chat-templated "Hello" (onnxruntime, no genai).
+    tokens = genai_chat.verify_package(folder, max_new_tokens=3)
+    assert len(tokens) == 3
+    check_greedy_tokens(tokens, source / "model.onnx", source, hello_ids(tiny_qwen2))
     with pytest.raises(RuntimeError, match=r"(?i)cuda"):
         genai_chat.load_model(folder, cpu=False)
 
@@ -201,14 +205,22 @@ def test_export_errors_are_value_errors(tiny_qwen2, tmp_path, monkeypatch):
         resolve_hf_dir("no-such-org/no-such-model")
 
 
-def test_chat_command_prints_the_greedy_answer(builder_exports, capsys):
-    import onnxruntime_genai as og
+def hello_ids(hf_dir: Path, content: str = "Hello") -> list[int]:
+    """The chat-templated prompt's ids from transformers' tokenizer of the Hugging Face model (not genai's)."""
+    from transformers import AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_chat_command_prints_the_greedy_answer(tiny_qwen2, builder_exports, capsys):
     folder = builder_exports["int4-cpu"]
-    model = genai_chat.load_model(folder)
-    tokenizer = og.Tokenizer(model)
-    ids = [int(i) for i in tokenizer.encode(genai_chat.chat_prompt(tokenizer, [{"role": "user", "content": "Hi"}]))]
-    expected = tokenizer.decode(genai_chat.generate(model, ids, 6, greedy=True))
+    # The reference: the package's model in a plain onnxruntime greedy loop, decoded by the tokenizers library.
+    reference = ort_greedy(folder / "model.onnx", folder, hello_ids(tiny_qwen2, "Hi"), 6)
+    expected = Tokenizer.from_file(str(tiny_qwen2 / "tokenizer.json")).decode(reference)
     assert genai_chat.main([str(folder), "-p", "Hi", "--max-new-tokens", "6", "--greedy"]) == 0
     printed = capsys.readouterr().out
     assert printed.endswith("\n") and printed[:-1]

@@ -9,6 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from hf_reference import hf_second_moments
 from onnx_helpers import initializers, load_onnx
 
 from olive_int4_pass.options import QuantizeOptions
@@ -219,15 +220,24 @@ def test_bad_calibration_ids_raise_typed_errors(exports, tmp_path):
 
 
 def test_samples_run_as_separate_sequences(exports):
-    built = exports("qwen2")["fp32-cpu"]
+    """Against the Hugging Face model run in torch on the windows each sample should give (hooks on o_proj)."""
+    built = exports("qwen2")
     after_attention = "/model/layers.0/attn/GroupQueryAttention/output_0"  # depends on the tokens before it
     rng = np.random.default_rng(3)
     a, b = rng.integers(0, 300, 20).tolist(), rng.integers(0, 300, 12).tolist()
 
     def moments(ids):
-        return input_second_moments(built / "model.onnx", [after_attention], ids, window=16)[after_attention]
+        return input_second_moments(built["fp32-cpu"] / "model.onnx", [after_attention], ids, window=16)[
+            after_attention
+        ]
+
+    def hf(windows):
+        return hf_second_moments(built["hf"], windows, [after_attention])[after_attention]
 
     # Each sample is windowed on its own ([0:16], [16:20] and [0:12]); the mean is over all 32 tokens.
-    expected = (moments(a) * 20 + moments(b) * 12) / 32
-    np.testing.assert_allclose(moments([a, b]), expected, rtol=1e-6)
-    assert not np.allclose(moments(a + b), expected, rtol=1e-3)  # one flat sequence: b sees a's context
+    separate = hf([a[:16], a[16:], b])
+    np.testing.assert_allclose(moments([a, b]), separate, rtol=1e-5)
+    # One flat sequence: b's tokens see a's context, in windows [0:16] and [16:32].
+    flat = hf([(a + b)[:16], (a + b)[16:]])
+    np.testing.assert_allclose(moments(a + b), flat, rtol=1e-5)
+    assert not np.allclose(flat, separate, rtol=1e-3)  # the two are told apart

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -35,9 +36,9 @@ def model_path(tmp_path_factory) -> Path:
     return path
 
 
-def run(cmd, cwd, **kwargs):
+def run(cmd, cwd, env=None, **kwargs):
     # CI=1: Olive skips telemetry, which otherwise waits ~10 s for the network at exit.
-    env = {**os.environ, "OLIVE_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1", "CI": "1"}
+    env = {**(env or os.environ), "OLIVE_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1", "CI": "1"}
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600, **kwargs)
 
 
@@ -65,6 +66,35 @@ def test_startup_hook_imports_nothing_heavy(tmp_path):
     heavy, finders = result.stdout.splitlines()
     assert heavy == "[]"
     assert finders == "['olive_int4_pass.olive.registration']"
+
+
+def test_register_works_where_pth_files_are_not_processed(model_path, tmp_path):
+    """``python -S`` skips site, so the start-up hook never runs: without ``register()`` Olive does not know our
+    pass type; with it, a workflow runs. (site-packages and the checkout are put on PYTHONPATH by hand.)"""
+    import site
+
+    code = textwrap.dedent(
+        """
+        import json, sys
+        assert "site" not in sys.modules and not any(type(f).__name__ == "_Finder" for f in sys.meta_path)
+        if sys.argv[2] == "register":
+            import olive_int4_pass
+            olive_int4_pass.register()
+        from olive.workflows import run
+        run(json.loads(sys.argv[1]))
+        """
+    )
+    paths = [*site.getsitepackages(), str(Path(olive_int4_pass.__file__).parents[1])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    for mode in ("plain", "register"):
+        config = json.dumps(workflow(model_path, tmp_path / mode))
+        result = run([sys.executable, "-S", "-c", code, config, mode], tmp_path, env=env)
+        if mode == "plain":
+            assert result.returncode != 0 and "onnxint4rtnquantization' not found" in result.stderr.lower()
+            assert not (tmp_path / mode / "model.onnx").exists()
+        else:
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            assert quantized_nodes(tmp_path / mode)["/model/mm_Q4"]["bits"] == 4
 
 
 def test_olive_run_yaml_with_no_extra_flag(model_path, tmp_path):
@@ -162,6 +192,50 @@ def test_plugin_version_is_part_of_the_pass_config():
     params = OnnxInt4RtnQuantization.default_config(DEFAULT_CPU_ACCELERATOR)
     assert params["plugin_version"].default_value == olive_int4_pass.__version__
     assert params["save_as_external_data"].default_value is True
+
+
+def test_a_new_plugin_version_is_not_served_from_olives_cache(model_path, tmp_path):
+    """Three runs over one cache_dir: the same config is served from Olive's cache, another plugin_version is not.
+
+    The reference is Olive's own engine log: "Loaded model from cache: <id>" for a hit, "Pass int4:... finished"
+    for a run, and the output model id it derives from the pass config.
+    """
+    code = textwrap.dedent(
+        """
+        import json, sys
+        from olive.workflows import run
+        for label, config in json.loads(sys.argv[1]):
+            print(f"=== {label}", flush=True)
+            run(config)
+        """
+    )
+    cache = tmp_path / "cache"
+
+    def config(out, **pass_config):
+        return {**workflow(model_path, tmp_path / out, **pass_config), "cache_dir": str(cache)}
+
+    runs = [
+        ("first", config("a")),
+        ("again", config("b")),
+        ("upgraded", config("c", plugin_version="99.0.0")),
+    ]
+    result = run([sys.executable, "-c", code, json.dumps(runs)], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    logs = dict(part.split("\n", 1) for part in result.stdout.split("=== ")[1:])
+
+    def ran(log):
+        return re.search(r"Pass int4:onnxint4rtnquantization finished", log, re.IGNORECASE) is not None
+
+    hit = "Loaded model from cache: "
+    assert ran(logs["first"]) and hit not in logs["first"]
+    assert hit in logs["again"] and not ran(logs["again"])  # the cache does work
+    assert ran(logs["upgraded"]) and hit not in logs["upgraded"]
+    # Olive's run records: the first run's output id (the one the second run loaded) and a new one.
+    cached_id = logs["again"].split(hit)[1].split()[0]
+    run_ids = {p.name for p in (cache / "default_workflow" / "runs").iterdir()}
+    assert cached_id in run_ids and len(run_ids) == 2, run_ids
+    for out in ("a", "b", "c"):
+        assert quantized_nodes(tmp_path / out)["/model/mm_Q4"]["bits"] == 4
 
 
 def test_every_quantize_option_is_a_pass_parameter_and_reaches_the_options():

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from hf_reference import hf_second_moments
 from onnx_helpers import check_numerics, initializers, load_onnx, nodes_of
 from test_tied_embeddings import decoder_feeds
 
@@ -128,15 +129,24 @@ def test_calibration_statistics_drive_the_scales(exports, tmp_path):
     assert all("weighted_relative_error" in stats for stats in report["weights_worst_first"].values())
 
 
-def test_second_moments_match_a_direct_computation(exports):
-    built = exports("qwen2")["fp32-cpu"]
-    ids = tokenize(TEXT_A, built, 40)
-    first_input = "/model/layers.0/input_layernorm/output_0"  # feeds the first qkv MatMul
-    in_windows = input_second_moments(built / "model.onnx", [first_input], ids, window=16)[first_input]
-    whole = input_second_moments(built / "model.onnx", [first_input], ids, window=40)[first_input]
-    assert in_windows.shape == (64,) and np.all(in_windows > 0)
-    # RMSNorm output of a token does not depend on other tokens: windows give the same moments.
-    np.testing.assert_allclose(in_windows, whole, rtol=1e-5)
+def test_second_moments_match_the_hf_model(exports):
+    """Calibration's E[x^2] of every MatMul input against the Hugging Face model's, captured with torch hooks."""
+    built = exports("qwen2")
+    ids = tokenize(TEXT_A, built["fp32-cpu"], 40)
+    activations = [
+        f"/model/layers.{i}/{name}/output_0"
+        for i in range(2)
+        for name in ("input_layernorm", "attn/GroupQueryAttention", "post_attention_layernorm", "mlp/Mul")
+    ] + ["/model/layers.2/final_norm_layernorm/output_0"]
+    got = input_second_moments(built["fp32-cpu"] / "model.onnx", activations, ids, window=16)
+    want = hf_second_moments(built["hf"], [ids[0:16], ids[16:32], ids[32:40]], activations)
+    for name in activations:
+        assert got[name].shape == want[name].shape and np.all(want[name] > 0), name
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, err_msg=name)
+    # A RMSNorm output of layer 0 does not depend on other tokens: the window does not change its moments.
+    first = activations[0]
+    whole = input_second_moments(built["fp32-cpu"] / "model.onnx", [first], ids, window=40)[first]
+    np.testing.assert_allclose(whole, want[first], rtol=1e-5)
 
 
 def test_max_preset_mixes_bit_widths_and_still_runs(exports, tmp_path):
@@ -178,3 +188,43 @@ def test_calibration_needs_the_tokenizer(exports, tmp_path):
     with pytest.raises(ValueError, match="needs the model's tokenizer"):
         quantize_file(folder / "model.onnx", tmp_path / "out", QuantizeOptions(quality="balanced"), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"calibration": "default", "mixed_precision_budget": 0.1},
+        {"quality": "max"},
+    ],
+    ids=["mixed_precision_budget", "quality-max"],
+)
+def test_mixed_precision_and_measured_sensitivity_are_deterministic(exports, tmp_path, options):
+    """Two runs: the same files byte for byte and the same 8-bit choices (``max`` ranks by measured KL)."""
+    src = exports("qwen2")["fp32-cpu"] / "model.onnx"
+    runs = [quantize_file(src, tmp_path / name, QuantizeOptions(**options), progress=False) for name in ("a", "b")]
+    for name in ("model.onnx", "model.onnx.data"):
+        assert digest(runs[0].parent / name) == digest(runs[1].parent / name), name
+    reports = [json.loads((out.parent / "quantization_report.json").read_text()) for out in runs]
+    eight = [sorted(n for n, s in r["weights_worst_first"].items() if s["bits"] == 8) for r in reports]
+    assert eight[0] and eight[0] == eight[1]  # some weights went to 8 bits, the same ones
+    assert reports[0]["weights_worst_first"] == reports[1]["weights_worst_first"]  # errors, bits, order
+    if options.get("quality") == "max":
+        assert reports[0]["measured_kl_by_group"] == reports[1]["measured_kl_by_group"]
+        assert len(reports[0]["measured_kl_by_group"]) > 2
+
+
+def test_calibration_alone_changes_no_weight(exports, tmp_path):
+    """docs/quality.md: calibration changes the weights only with quality, scale_search or mixed_precision_budget.
+    The reference is the genai builder's own ``-p int4`` export, tensor for tensor."""
+    built = exports("qwen2")
+    out = quantize_file(
+        built["fp32-cpu"] / "model.onnx",
+        tmp_path / "calibrated",
+        QuantizeOptions(calibration="default", accuracy_level=4),
+        progress=False,
+    )
+    ours, builders = initializers(load_onnx(out)), initializers(load_onnx(built["int4-cpu"] / "model.onnx"))
+    assert ours.keys() == builders.keys()
+    assert all(ours[k].dtype == v.dtype and ours[k].tobytes() == v.tobytes() for k, v in builders.items())
+    report = json.loads((out.parent / "quantization_report.json").read_text())
+    assert report["calibration_seconds"] > 0  # it did calibrate

@@ -1,11 +1,13 @@
-"""Each rewrite rule, checked by running the quantized model against the model rebuilt from dequantized weights."""
+"""Each rewrite rule, checked by running the quantized model against the model rebuilt from dequantized weights, and
+against the float model within a bound derived from the bit width (``onnx_helpers.check_numerics``): 8-bit nodes
+must be sixteen times closer than 4-bit ones."""
 
 import logging
 
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
-from onnx_helpers import attrs, check_numerics, initializers, load_onnx, make_model, nodes_of, tensor_info
+from onnx_helpers import attrs, check_numerics, initializers, load_onnx, make_model, nodes_of, run, tensor_info
 
 from olive_int4_pass.options import QuantizeOptions
 from olive_int4_pass.pipeline import quantize_file
@@ -24,7 +26,8 @@ def quantize(tmp_path, nodes, inputs, outputs, inits, **options):
     return original, load_onnx(out), out
 
 
-def test_matmul_any_rank_keeps_io_names_and_builder_naming(tmp_path):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_matmul_any_rank_keeps_io_names_and_builder_naming(tmp_path, bits):
     w = weight(64, 40)
     nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="/model/mm")]
     original, model, out = quantize(
@@ -33,37 +36,46 @@ def test_matmul_any_rank_keeps_io_names_and_builder_naming(tmp_path):
         [tensor_info("x", np.float32, [2, 3, 64])],
         [tensor_info("y", np.float32, [2, 3, 40])],
         {"W": w},
+        bits=bits,
     )
     (node,) = nodes_of(model, "MatMulNBits")
-    assert node.name == "/model/mm_Q4" and node.domain == "com.microsoft"
-    assert list(node.input) == ["x", "W_Q4", "W_scales"] and list(node.output) == ["y"]
-    assert attrs(node) == {"K": 64, "N": 40, "bits": 4, "block_size": 32}
+    assert node.name == f"/model/mm_Q{bits}" and node.domain == "com.microsoft"
+    assert list(node.input) == ["x", f"W_Q{bits}", "W_scales"] and list(node.output) == ["y"]
+    assert attrs(node) == {"K": 64, "N": 40, "bits": bits, "block_size": 32}
     assert "W" not in initializers(model)  # float weight removed
     assert [i.name for i in model.graph.input] == ["x"] and [o.name for o in model.graph.output] == ["y"]
     check_numerics(out, {"x": RNG.standard_normal((2, 3, 64)).astype(np.float32)}, original)
     assert (out.parent / "model.onnx.data").is_file()
 
 
-def test_transposed_weight(tmp_path):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_transposed_weight(tmp_path, bits):
     w = weight(40, 64)  # [N, K] as nn.Linear stores it
     nodes = [
         helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
         helper.make_node("MatMul", ["x", "Wt"], ["y"], name="mm"),
     ]
     original, model, out = quantize(
-        tmp_path, nodes, [tensor_info("x", np.float32, [5, 64])], [tensor_info("y", np.float32, [5, 40])], {"W": w}
+        tmp_path,
+        nodes,
+        [tensor_info("x", np.float32, [5, 64])],
+        [tensor_info("y", np.float32, [5, 40])],
+        {"W": w},
+        bits=bits,
     )
     assert [n.op_type for n in model.graph.node] == ["MatMulNBits"]
     assert attrs(model.graph.node[0])["K"] == 64 and attrs(model.graph.node[0])["N"] == 40
+    assert attrs(model.graph.node[0])["bits"] == bits
     check_numerics(out, {"x": RNG.standard_normal((5, 64)).astype(np.float32)}, original)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize(
     ("trans_b", "bias_shape"),
     [(0, (40,)), (1, (40,)), (1, (1, 40)), (0, None)],
     ids=["B", "Bt", "Bt-2d-bias", "nobias"],
 )
-def test_gemm(tmp_path, trans_b, bias_shape):
+def test_gemm(tmp_path, trans_b, bias_shape, bits):
     w = weight(40, 64) if trans_b else weight(64, 40)
     inits = {"W": w}
     inputs = ["x", "W"]
@@ -72,24 +84,42 @@ def test_gemm(tmp_path, trans_b, bias_shape):
         inputs.append("C")
     nodes = [helper.make_node("Gemm", inputs, ["y"], name="gemm", transB=trans_b)]
     original, model, out = quantize(
-        tmp_path, nodes, [tensor_info("x", np.float32, [3, 64])], [tensor_info("y", np.float32, [3, 40])], inits
-    )
-    (node,) = model.graph.node
-    assert node.op_type == "MatMulNBits"
-    assert (len(node.input) == 6) == bool(bias_shape)  # bias is input 5
-    check_numerics(out, {"x": RNG.standard_normal((3, 64)).astype(np.float32)}, original)
-
-
-def test_gemm_with_alpha_is_left_alone(tmp_path):
-    nodes = [helper.make_node("Gemm", ["x", "W"], ["y"], name="gemm", alpha=2.0)]
-    _, model, _ = quantize(
         tmp_path,
         nodes,
         [tensor_info("x", np.float32, [3, 64])],
         [tensor_info("y", np.float32, [3, 40])],
-        {"W": weight(64, 40)},
+        inits,
+        bits=bits,
     )
+    (node,) = model.graph.node
+    assert node.op_type == "MatMulNBits" and attrs(node)["bits"] == bits
+    assert (len(node.input) == 6) == bool(bias_shape)  # bias is input 5
+    check_numerics(out, {"x": RNG.standard_normal((3, 64)).astype(np.float32)}, original)
+
+
+@pytest.mark.parametrize(
+    ("attributes", "reason"),
+    [
+        ({"alpha": 2.0}, "Gemm with alpha or beta != 1"),
+        ({"beta": 0.5}, "Gemm with alpha or beta != 1"),
+        ({"transA": 1}, "Gemm with transA"),
+    ],
+    ids=["alpha", "beta", "transA"],
+)
+def test_gemm_outside_the_pattern_is_left_alone_and_logged(tmp_path, caplog, attributes, reason):
+    """README: Gemm is rewritten only with alpha = beta = 1 (and transA = 0); others stay, with the reason logged."""
+    x_shape = [64, 3] if attributes.get("transA") else [3, 64]
+    nodes = [helper.make_node("Gemm", ["x", "W", "C"], ["y"], name="gemm", **attributes)]
+    inits = {"W": weight(64, 40), "C": weight(40)}
+    with caplog.at_level(logging.INFO, logger="olive_int4_pass"):
+        original, model, out = quantize(
+            tmp_path, nodes, [tensor_info("x", np.float32, x_shape)], [tensor_info("y", np.float32, [3, 40])], inits
+        )
     assert [n.op_type for n in model.graph.node] == ["Gemm"]
+    assert initializers(model)["W"].tobytes() == inits["W"].tobytes()  # the float weight, untouched
+    assert f"gemm: {reason}" in caplog.text
+    x = RNG.standard_normal(x_shape).astype(np.float32)
+    np.testing.assert_array_equal(run(out, {"x": x})[0], run(original, {"x": x})[0])
 
 
 @pytest.mark.parametrize("fuse_bias", [False, True])
@@ -129,7 +159,8 @@ def test_shared_weight_is_quantized_once(tmp_path):
     check_numerics(out, {"x": RNG.standard_normal((2, 64)).astype(np.float32)}, original)
 
 
-def test_fp16_graph_gets_fp16_scales_and_asymmetric_zero_points(tmp_path):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fp16_graph_gets_fp16_scales_and_asymmetric_zero_points(tmp_path, bits):
     nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")]
     original, model, out = quantize(
         tmp_path,
@@ -138,11 +169,13 @@ def test_fp16_graph_gets_fp16_scales_and_asymmetric_zero_points(tmp_path):
         [tensor_info("y", np.float16, [3, 24])],
         {"W": weight(96, 24, dtype=np.float16)},
         is_symmetric=False,
+        bits=bits,
     )
     (node,) = model.graph.node
     inits = initializers(model)
     assert inits[node.input[2]].dtype == np.float16
-    assert node.input[3] == "W_zero_points" and inits["W_zero_points"].shape == (24, 2)  # 3 blocks -> 2 bytes
+    zp_bytes = 2 if bits == 4 else 3  # 3 blocks: two 4-bit zero points per byte, or one byte each
+    assert node.input[3] == "W_zero_points" and inits["W_zero_points"].shape == (24, zp_bytes)
     check_numerics(out, {"x": RNG.standard_normal((3, 96)).astype(np.float16)}, original, rtol=2e-2)
 
 
