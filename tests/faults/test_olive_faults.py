@@ -107,3 +107,63 @@ def test_any_swallowed_failure_still_fails_a_workflow_of_ours(tiny_qwen2, tmp_pa
     }
     with pytest.raises(ValueError, match="produced no output model"):
         run(config)
+
+
+def _bad_inputs(tmp_path: Path, tied: Path) -> dict[str, tuple[Path, dict, str]]:
+    """name -> (model path, pass options, words the message must hold), each a copy broken one way."""
+    import numpy as np
+    import onnx
+
+    cases = {}
+
+    def copy(name: str) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(tied, folder)
+        return folder / "model.onnx"
+
+    cases["missing model"] = (tmp_path / "nowhere" / "model.onnx", {}, "does not exist")
+    corrupt = copy("corrupt")
+    corrupt.write_bytes(b"\x00\xffnot protobuf" * 50)
+    cases["corrupt model"] = (corrupt, {}, "not a readable ONNX model")
+    truncated = copy("truncated")
+    data = truncated.parent / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    cases["truncated data"] = (truncated, {}, "truncated")
+    nan = copy("nan")
+    model = onnx.load(str(nan), load_external_data=False)
+    init = next(i for i in model.graph.initializer if i.name.endswith("o_proj.MatMul.weight"))
+    info = {e.key: int(e.value) if e.key != "location" else e.value for e in init.external_data}
+    with open(nan.parent / info["location"], "r+b") as f:
+        f.seek(info["offset"])
+        f.write(np.array([np.nan] * 4, np.float32).tobytes())
+    cases["NaN weight"] = (nan, {}, "non-finite")
+    calib = copy("calibration")
+    (tmp_path / "binary.txt").write_bytes(b"\x00\x01" * 100)
+    cases["binary calibration"] = (calib, {"calibration": str(tmp_path / "binary.txt"), "scale_search": True}, "binary")
+    return cases
+
+
+CASES = ["missing model", "corrupt model", "truncated data", "NaN weight", "binary calibration"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_inputs_fail_the_same_way_through_olive_and_the_cli(tied, tmp_path, case, capsys):
+    from olive.workflows import run
+
+    from olive_int4_pass.cli import main
+
+    model, options, words = _bad_inputs(tmp_path, tied)[case]
+    before = digest(model.parent) if model.parent.exists() else None
+    config = workflow(model, tmp_path / "olive-out", **options)
+    config["cache_dir"] = str(tmp_path / "cache")
+    # Errors Olive re-raises (a missing file is Olive's own AssertionError): olive run exits non-zero on them.
+    with pytest.raises((ValueError, TypeError, AssertionError), match=words):
+        run(config)
+    argv = ["quantize", str(model), str(tmp_path / "cli-out"), "--quiet"]
+    if options:
+        argv += ["--calibration", options["calibration"], "--scale-search"]
+    assert main(argv) == 2
+    assert words in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*-out/*.onnx"))  # no model from either
+    if before is not None:
+        assert digest(model.parent) == before  # the input untouched
