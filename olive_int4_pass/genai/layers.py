@@ -116,11 +116,18 @@ class LayeredDecoder:
     """A genai-builder-layout decoder run segment by segment (see the module docstring).
 
     ``watch``: intermediate values handed to the caller (calibration: every quantized MatMul's input).
-    ``config_dir``: where genai_config.json states what the graph leaves symbolic (default: the model's folder).
+    ``weight_inputs``: initializers every segment that reads them takes as inputs instead (the sensitivity probe
+    feeds float or quantized values). ``config_dir``: where genai_config.json states what the graph leaves
+    symbolic (default: the model's folder).
     """
 
     def __init__(
-        self, model_path: str | os.PathLike, watch: Iterable[str], *, config_dir: str | os.PathLike | None = None
+        self,
+        model_path: str | os.PathLike,
+        watch: Iterable[str],
+        *,
+        weight_inputs: Iterable[str] = (),
+        config_dir: str | os.PathLike | None = None,
     ):
         import onnx
 
@@ -130,6 +137,10 @@ class LayeredDecoder:
         self.watch = sorted(set(watch))
         self.segments = cut(self.model.graph, self.watch)
         self._inits = {init.name: init for init in self.model.graph.initializer}
+        self.weight_inputs = frozenset(weight_inputs)
+        missing = self.weight_inputs - set(self._inits)
+        if missing:
+            raise ValueError(f"not initializers of {self.model_path}: {sorted(missing)[:5]}")
         self._graph_inputs = {i.name: i for i in self.model.graph.input}
         infos = {name: _InputInfo(value) for name, value in self._graph_inputs.items()}
         self._cache = empty_cache(infos, self.model_path, self.config_dir)
@@ -160,6 +171,18 @@ class LayeredDecoder:
             if progress is not None:
                 progress(segment)
 
+    def first_feeds(self, input_ids: Sequence[int]) -> dict[str, np.ndarray]:
+        """The graph inputs for one sequence: what the first segment starts from."""
+        return sequence_feeds(input_ids, self._graph_inputs, self._cache)
+
+    def weights_read(self, segment: Segment) -> set[str]:
+        """The weight inputs ``segment`` reads (to be fed with every run of its session)."""
+        return {x for i in segment.nodes for x in self.model.graph.node[i].input if x in self.weight_inputs}
+
+    def session(self, segment: Segment, sample: Mapping[str, np.ndarray]):
+        """An onnxruntime session over ``segment`` alone; ``sample`` holds arrays of its inputs (for their types)."""
+        return self._session(segment, sample)
+
     def _session(self, segment: Segment, sample: Mapping[str, np.ndarray]):
         import onnx
         import onnxruntime as ort
@@ -169,6 +192,11 @@ class LayeredDecoder:
         inputs = [
             self._graph_inputs[x] if x in self._graph_inputs else _value_info(x, sample[x]) for x in segment.inputs
         ]
+        weights = sorted(used & self.weight_inputs)
+        for name in weights:
+            init = self._inits[name]
+            inputs.append(onnx.helper.make_tensor_value_info(name, init.data_type, list(init.dims)))
+        used -= set(weights)
         graph = onnx.helper.make_graph(
             nodes,
             f"{self.model.graph.name}: {segment.name}",

@@ -22,7 +22,7 @@ from olive_int4_pass.plan.calibration import (
     tokenize,
 )
 from olive_int4_pass.plan.candidates import Candidate, WeightKey
-from olive_int4_pass.plan.sensitivity import ImpactProbe
+from olive_int4_pass.plan.sensitivity import ImpactProbe, LayeredImpactProbe
 from olive_int4_pass.plan.weight_plan import QualityPlan
 
 logger = logging.getLogger(__name__)
@@ -72,11 +72,19 @@ def prepare_quality_plan(
 
 def impact_probe(
     candidates: dict[WeightKey, Candidate], tokens: int, model_path: Path, token_ids: Sequence
-) -> ImpactProbe:
+) -> ImpactProbe | LayeredImpactProbe:
     """The float model on the first ``tokens`` calibration tokens, its candidate weights as inputs."""
     sample = list(_sequences(token_ids)[0][:tokens])
     weights = {}
     for cand in candidates.values():
         w = cand.weight()
         weights[cand.name] = w.T if cand.transposed else w
-    return ImpactProbe(model_path, weights, sample)
+    from olive_int4_pass.genai.layers import NotCuttable
+
+    try:
+        return LayeredImpactProbe(model_path, weights, sample)
+    except NotCuttable as e:
+        logger.info(
+            "Measuring sensitivity on the whole model at once (%s cannot be cut into layers: %s)", model_path, e
+        )
+        return ImpactProbe(model_path, weights, sample)

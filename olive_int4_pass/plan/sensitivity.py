@@ -63,6 +63,83 @@ class ImpactProbe:
         return float(np.einsum("ij,ij->", self.probs, self.reference - logprobs) / len(logprobs))
 
 
+class LayeredImpactProbe:
+    """The KLs of :class:`ImpactProbe`, measured one transformer layer at a time (bounded memory, one session build
+    per layer).
+
+    Every group's probe advances through the layers together: at each layer one onnxruntime session serves the
+    float run and every probe that has started (a probe starts at the first layer that reads one of its weights,
+    from the float hidden states there, and feeds its quantized weights wherever they are read). Memory holds one
+    layer's weights, a group's replaced weights while later layers read them, and each probe's hidden states; each
+    probe's logits are reduced to its KL as soon as they are computed. Raises ``NotCuttable`` for a graph that
+    cannot be cut (use :class:`ImpactProbe`).
+    """
+
+    def __init__(self, model_path: Path, weights: Mapping[str, np.ndarray], token_ids: Sequence[int]) -> None:
+        from olive_int4_pass.genai.decoder import log_softmax
+        from olive_int4_pass.genai.layers import LayeredDecoder
+
+        self._log_softmax = log_softmax
+        self.decoder = LayeredDecoder(model_path, ["logits"], weight_inputs=weights)
+        self.weights = {name: np.ascontiguousarray(w) for name, w in weights.items()}
+        self.token_ids = [int(t) for t in token_ids]
+
+    def measure(
+        self,
+        groups: Mapping[str, Sequence],
+        names: Mapping[object, str],
+        replacement: Callable[[object], tuple[str, np.ndarray]],
+        progress: Callable[[str], None] | None = None,
+    ) -> dict[str, float]:
+        """``{group: KL}`` with each group's weights replaced by ``replacement(key) -> (name, array)``."""
+        segments = self.decoder.segments
+        reads = [self.decoder.weights_read(s) for s in segments]
+        start = {}
+        for group, keys in groups.items():
+            wanted = {names[k] for k in keys}
+            start[group] = next((i for i, r in enumerate(reads) if r & wanted), None)
+        result = {g: 0.0 for g, i in start.items() if i is None}  # weights no layer reads
+        floats = self.decoder.first_feeds(self.token_ids)
+        states: dict[str, dict[str, np.ndarray]] = {}
+        replaced: dict[str, dict[str, np.ndarray]] = {}
+        reference = None
+        for index, segment in enumerate(segments):
+            session = self.decoder.session(segment, floats)
+            for group in [g for g, i in start.items() if i == index]:
+                states[group] = dict(floats)
+                replaced[group] = dict(replacement(k) for k in groups[group])
+            computed = self._advance(session, segment, reads[index], floats, {})
+            reference = computed if computed is not None else reference
+            for group in list(states):
+                logprobs = self._advance(session, segment, reads[index], states[group], replaced[group])
+                if logprobs is not None:
+                    probs = np.exp(reference)
+                    result[group] = max(float(np.einsum("ij,ij->", probs, reference - logprobs) / len(logprobs)), 0.0)
+                    del states[group], replaced[group]
+                    if progress:
+                        progress(group)
+                    continue
+                later = set().union(*reads[index + 1 :])
+                replaced[group] = {n: w for n, w in replaced[group].items() if n in later}
+            later_inputs = set().union(*(s.inputs for s in segments[index + 1 :]))
+            for state in [floats, *states.values()]:
+                for name in [n for n in state if n not in later_inputs]:
+                    del state[name]
+            del session
+        return result
+
+    def _advance(self, session, segment, weights: set[str], state: dict, replaced: Mapping[str, np.ndarray]):
+        """Run ``segment`` on ``state`` (updated in place); the log-probabilities when it computes the logits."""
+        feeds = {x: state[x] for x in segment.inputs}
+        feeds.update({w: replaced.get(w, self.weights[w]) for w in weights})
+        outputs = dict(zip(segment.outputs, session.run(segment.outputs, feeds), strict=True))
+        logits = outputs.pop("logits", None)
+        state.update(outputs)
+        if logits is None:
+            return None
+        return self._log_softmax(np.asarray(logits, np.float32).reshape(-1, logits.shape[-1]))
+
+
 def measure_groups(
     probe: ImpactProbe,
     groups: Mapping[str, Sequence],

@@ -209,7 +209,10 @@ class QualityPlan:
             return cand.name, np.ascontiguousarray(w.T if cand.transposed else w)
 
         groups = group_by_layer({k: c.nodes for k, c in candidates.items()}, {k: c.name for k, c in candidates.items()})
-        kl = measure_groups(probe, groups, replacement)
+        if hasattr(probe, "measure"):  # the layer-by-layer probe measures every group in one sweep
+            kl = probe.measure(groups, {k: c.name for k, c in candidates.items()}, replacement)
+        else:
+            kl = measure_groups(probe, groups, replacement)
         worst = sorted(kl.items(), key=lambda kv: -kv[1])[:5]
         logger.info("Measured KL by group (largest): %s", ", ".join(f"{g} {v:.2e}" for g, v in worst))
         self.group_kl = kl
