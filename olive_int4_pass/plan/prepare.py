@@ -74,17 +74,18 @@ def impact_probe(
     candidates: dict[WeightKey, Candidate], tokens: int, model_path: Path, token_ids: Sequence
 ) -> ImpactProbe | LayeredImpactProbe:
     """The float model on the first ``tokens`` calibration tokens, its candidate weights as inputs."""
-    sample = list(_sequences(token_ids)[0][:tokens])
-    weights = {}
-    for cand in candidates.values():
-        w = cand.weight()
-        weights[cand.name] = w.T if cand.transposed else w
     from olive_int4_pass.genai.layers import NotCuttable
 
+    sample = list(_sequences(token_ids)[0][:tokens])
+
+    def stored(cand: Candidate):  # the weight as the graph stores it (W, or W^T for a transposed MatMul)
+        return lambda: cand.weight().T if cand.transposed else cand.weight()
+
+    loaders = {cand.name: stored(cand) for cand in candidates.values()}
     try:
-        return LayeredImpactProbe(model_path, weights, sample)
+        return LayeredImpactProbe(model_path, loaders, sample)
     except NotCuttable as e:
         logger.info(
             "Measuring sensitivity on the whole model at once (%s cannot be cut into layers: %s)", model_path, e
         )
-        return ImpactProbe(model_path, weights, sample)
+        return ImpactProbe(model_path, {name: load() for name, load in loaders.items()}, sample)

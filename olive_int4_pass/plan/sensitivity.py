@@ -75,13 +75,20 @@ class LayeredImpactProbe:
     cannot be cut (use :class:`ImpactProbe`).
     """
 
-    def __init__(self, model_path: Path, weights: Mapping[str, np.ndarray], token_ids: Sequence[int]) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        weights: Mapping[str, Callable[[], np.ndarray]],
+        token_ids: Sequence[int],
+    ) -> None:
         from olive_int4_pass.genai.decoder import log_softmax
         from olive_int4_pass.genai.layers import LayeredDecoder
 
         self._log_softmax = log_softmax
         self.decoder = LayeredDecoder(model_path, ["logits"], weight_inputs=weights)
-        self.weights = {name: np.ascontiguousarray(w) for name, w in weights.items()}
+        # Loaders, not arrays: a layer's float weights are mapped while its session runs, then unmapped (a map kept
+        # open keeps every page it read resident: the whole model, by the last layer).
+        self.weights = dict(weights)
         self.token_ids = [int(t) for t in token_ids]
 
     def measure(
@@ -105,13 +112,14 @@ class LayeredImpactProbe:
         reference = None
         for index, segment in enumerate(segments):
             session = self.decoder.session(segment, floats)
+            floats_here = {w: np.ascontiguousarray(self.weights[w]()) for w in reads[index]}
             for group in [g for g, i in start.items() if i == index]:
                 states[group] = dict(floats)
                 replaced[group] = dict(replacement(k) for k in groups[group])
-            computed = self._advance(session, segment, reads[index], floats, {})
+            computed = self._advance(session, segment, floats_here, floats, {})
             reference = computed if computed is not None else reference
             for group in list(states):
-                logprobs = self._advance(session, segment, reads[index], states[group], replaced[group])
+                logprobs = self._advance(session, segment, floats_here, states[group], replaced[group])
                 if logprobs is not None:
                     probs = np.exp(reference)
                     result[group] = max(float(np.einsum("ij,ij->", probs, reference - logprobs) / len(logprobs)), 0.0)
@@ -125,13 +133,15 @@ class LayeredImpactProbe:
             for state in [floats, *states.values()]:
                 for name in [n for n in state if n not in later_inputs]:
                     del state[name]
-            del session
+            del session, floats_here
         return result
 
-    def _advance(self, session, segment, weights: set[str], state: dict, replaced: Mapping[str, np.ndarray]):
+    def _advance(
+        self, session, segment, weights: Mapping[str, np.ndarray], state: dict, replaced: Mapping[str, np.ndarray]
+    ):
         """Run ``segment`` on ``state`` (updated in place); the log-probabilities when it computes the logits."""
         feeds = {x: state[x] for x in segment.inputs}
-        feeds.update({w: replaced.get(w, self.weights[w]) for w in weights})
+        feeds.update({w: replaced.get(w, array) for w, array in weights.items()})
         outputs = dict(zip(segment.outputs, session.run(segment.outputs, feeds), strict=True))
         logits = outputs.pop("logits", None)
         state.update(outputs)
