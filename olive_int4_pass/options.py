@@ -22,6 +22,10 @@ from olive_int4_pass.kernels.rtn import validate_bits, validate_block_size
 LM_HEAD_CHOICES = ("quantize", "int8", "float")
 EMBEDDING_CHOICES = ("float", "int4", "int8")
 SENSITIVITY_CHOICES = ("error", "measured")
+ROUNDING_CHOICES = ("nearest", "compensated")
+# Compensated rounding estimates each MatMul input's K x K second moments: fewer tokens than this leave them too
+# rank-deficient to be worth inverting (GPTQ's own default is 128 samples x 2,048 tokens).
+MIN_COMPENSATION_TOKENS = 256
 # Named quality presets: option values applied where the user left the option unset. Both calibrate on the built-in
 # text by default; the budget is the whole model's growth over plain INT4, an lm_head at 8 bits included. Measured
 # on a real 1.5B model: docs/results.md.
@@ -149,6 +153,27 @@ class QuantizeOptions:
         shown_default="error",
     )
     sensitivity_tokens: int = option(256, "Calibration tokens each 'measured' sensitivity run scores (at least 16).")
+    rounding: str = option(
+        "nearest",
+        "'nearest': every value to its nearest level (the reference). 'compensated': error-compensated rounding"
+        " (GPTQ): each input row's rounding error is pushed onto the rows not yet rounded, through the inverse of the"
+        " input's second moments E[x x^T] from calibration; the same format and size. Needs calibration (at least"
+        f" {MIN_COMPENSATION_TOKENS} tokens) and temporary disk for the calibration inputs.",
+        choices=ROUNDING_CHOICES,
+    )
+    compensation_damping: float = option(
+        0.01,
+        "Compensated rounding: added to E[x x^T]'s diagonal as a fraction of its mean (GPTQ's percdamp), raised"
+        " tenfold while the matrix is singular.",
+    )
+    act_order: bool = option(
+        False,
+        "Compensated rounding: round input rows in decreasing E[x_k^2] (GPTQ's act-order). The 32-value blocks stay"
+        " as stored, their scales fixed from the float weight first.",
+    )
+    compensation_block_rows: int = option(
+        128, "Compensated rounding: rows rounded between two updates of the rest (a multiple of block_size)."
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -180,6 +205,22 @@ class QuantizeOptions:
         for name in ("calibration_tokens", "sensitivity_tokens"):
             if getattr(self, name) < 16:
                 raise ValueError(f"{name} must be >= 16, got {getattr(self, name)}")
+        if self.rounding == "compensated":
+            if self.calibration is None:
+                raise ValueError("rounding='compensated' needs calibration (a text file or 'default')")
+            if self.calibration_tokens < MIN_COMPENSATION_TOKENS:
+                raise ValueError(
+                    f"rounding='compensated' needs at least {MIN_COMPENSATION_TOKENS} calibration tokens,"
+                    f" calibration_tokens is {self.calibration_tokens}"
+                )
+        damping = self.compensation_damping
+        if not (math.isfinite(damping) and 0 < damping <= 1):
+            raise ValueError(f"compensation_damping must be in (0, 1], got {damping!r}")
+        rows = self.compensation_block_rows
+        if rows < self.block_size or rows % self.block_size:
+            raise ValueError(
+                f"compensation_block_rows must be a multiple of block_size ({self.block_size}), got {rows}"
+            )
         if self.sensitivity == "measured" and not budget:
             raise ValueError("sensitivity='measured' ranks weights for mixed precision: set mixed_precision_budget")
 

@@ -79,6 +79,7 @@ def quantize_model(
     report.calibration_seconds = calibration_seconds
     report.seconds = dict(quality.seconds)  # calibrated runs only: plain INT4 reports stay byte-identical
     report.measured_kl = dict(quality.group_kl)
+    report.release = quality.close
     log_report(report)
     return report
 
@@ -119,16 +120,20 @@ def quantize_file(
     earlier = {REPORT_NAME, *external_locations(output_dir / model_name)}
     replaces = {name for name in earlier if (output_dir / name).resolve() not in inputs}
 
-    return save_atomically(
-        model,
-        output_dir,
-        model_name=model_name,
-        external_data_name=external_data_name,
-        size_threshold=size_threshold,
-        progress=progress,
-        before_publish=write_report if report.num_quantized else None,
-        replaces=replaces,
-    )
+    try:
+        return save_atomically(
+            model,
+            output_dir,
+            model_name=model_name,
+            external_data_name=external_data_name,
+            size_threshold=size_threshold,
+            progress=progress,
+            before_publish=write_report if report.num_quantized else None,
+            replaces=replaces,
+        )
+    finally:
+        if report.release is not None:
+            report.release()
 
 
 def _largest_first(graph: ir.Graph, state: QuantizationState) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import math
+import typing
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ class QuantizationReport:
     calibration_seconds: float | None = None
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # calibration, sensitivity, search
     measured_kl: dict[str, float] = dataclasses.field(default_factory=dict)  # sensitivity="measured", by group
+    # Frees what only writing the model needs (compensated rounding's kept calibration inputs); not reported.
+    release: typing.Callable[[], None] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict:
         worst = sorted(self.weight_errors.items(), key=lambda kv: -kv[1].get("relative_error", 0))

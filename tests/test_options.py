@@ -36,6 +36,10 @@ NON_DEFAULT = {
     "mixed_precision_budget": (0.05, ["--mixed-precision-budget", "0.05"]),
     "sensitivity": ("measured", ["--sensitivity", "measured"]),
     "sensitivity_tokens": (64, ["--sensitivity-tokens", "64"]),
+    "rounding": ("compensated", ["--rounding", "compensated"]),
+    "compensation_damping": (0.05, ["--compensation-damping", "0.05"]),
+    "act_order": (True, ["--act-order"]),
+    "compensation_block_rows": (256, ["--compensation-block-rows", "256"]),
 }
 
 

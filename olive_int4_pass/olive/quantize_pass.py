@@ -53,7 +53,7 @@ class OnnxInt4RtnQuantization(Pass):
                 "Olive data config to calibrate on instead of a text: the input_ids of its batches (each sample"
                 " run as its own sequence; tokens whose attention_mask is 0 are dropped), up to"
                 " calibration_tokens. Setting it calibrates, as calibration does; the weights change only with"
-                " quality, scale_search or mixed_precision_budget. Not together with calibration."
+                " quality, scale_search, mixed_precision_budget or rounding. Not together with calibration."
             ),
         )
         external = get_external_data_config()
@@ -82,10 +82,10 @@ class OnnxInt4RtnQuantization(Pass):
         calibration_ids = None
         if config.data_config is not None:
             calibration_ids = calibration_ids_from_data_config(config.data_config, options.calibration_tokens)
-            if not (options.scale_search or options.mixed_precision_budget):
+            if not (options.scale_search or options.mixed_precision_budget or options.rounding == "compensated"):
                 logger.warning(
                     "data_config only measures (quantization_report.json's weighted errors): set quality,"
-                    " scale_search or mixed_precision_budget to use it for the weights."
+                    " scale_search, mixed_precision_budget or rounding to use it for the weights."
                 )
         output_dir = Path(output_model_path)
         output_dir = output_dir.parent if output_dir.suffix == ".onnx" else output_dir

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,6 +82,7 @@ def input_second_moments(
     window: int = _WINDOW,
     *,
     layerwise: bool | None = None,
+    keep: Callable[[str, np.ndarray], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """``{activation name: E[x^2] per channel}`` over ``token_ids``, run in windows of ``window`` tokens.
 
@@ -89,6 +90,7 @@ def input_second_moments(
     its own windows, so no window spans two samples. The decoder runs one transformer layer at a time
     (:mod:`olive_int4_pass.genai.layers`: memory bounded by one layer's weights); a graph that cannot be cut runs
     whole, and the log says why. ``layerwise``: force one way (None: layer by layer where possible).
+    ``keep(name, x)`` also receives every window's raw input ``x`` (for compensated rounding's full second moments).
     """
     names = sorted(set(activations))
     windows = [
@@ -102,6 +104,8 @@ def input_second_moments(
     sums: dict[str, np.ndarray | None] = {name: None for name in names}
 
     def add(name: str, x: np.ndarray) -> None:
+        if keep is not None:
+            keep(name, x)
         x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
         sq = np.einsum("ij,ij->j", x, x)
         sums[name] = sq if sums[name] is None else sums[name] + sq

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from olive_int4_pass.options import MIN_COMPENSATION_TOKENS
+from olive_int4_pass.plan.activation_store import ActivationStore, widths_of
 from olive_int4_pass.plan.calibration import (
     _sequences,
     check_calibration_ids,
@@ -50,7 +52,15 @@ def prepare_quality_plan(
     else:
         token_ids = tokenize(load_calibration_text(opts.calibration), model_path.parent, opts.calibration_tokens)
         num_tokens = len(token_ids)
-    quality.importance = input_second_moments(model_path, activations, token_ids)
+    keep = None
+    if opts.rounding == "compensated":
+        quality.activations = _activation_store(candidates, num_tokens)
+        keep = quality.activations.add
+    try:
+        quality.importance = input_second_moments(model_path, activations, token_ids, keep=keep)
+    except BaseException:
+        quality.close()  # the kept inputs go with the failed run
+        raise
     seconds = time.perf_counter() - start
     quality.seconds["calibration"] = seconds
     logger.info("Calibrated %d MatMul inputs on %d tokens in %.1f s.", len(activations), num_tokens, seconds)
@@ -68,6 +78,20 @@ def prepare_quality_plan(
             quality.seconds["sensitivity"] = time.perf_counter() - start
         quality.choose_bits(candidates, opts.bits, fixed, probe)
     return seconds
+
+
+def _activation_store(candidates: dict[WeightKey, Candidate], num_tokens: int) -> ActivationStore:
+    """Where calibration keeps the inputs of the weights to compensate; refuses too few tokens or too little disk."""
+    if num_tokens < MIN_COMPENSATION_TOKENS:
+        raise ValueError(
+            f"rounding='compensated' needs at least {MIN_COMPENSATION_TOKENS} calibration tokens; the calibration"
+            f" data gave {num_tokens}"
+        )
+    widths = widths_of((c.activation, c.k) for c in candidates.values() if c.activation)
+    needed = ActivationStore.check_space(widths, num_tokens)
+    store = ActivationStore(widths)
+    logger.info("Compensated rounding: keeping %.2f GB of calibration inputs in %s", needed / 1e9, store.folder)
+    return store
 
 
 def impact_probe(

@@ -15,10 +15,12 @@ import time
 import numpy as np
 
 from olive_int4_pass.kernels import streaming_rtn
+from olive_int4_pass.kernels.gptq import Compensation, compensated_quantize
 from olive_int4_pass.kernels.layout import quantized_bytes
 from olive_int4_pass.kernels.rtn import QuantizedWeight, dequantize_blockwise, quantize_blockwise
 from olive_int4_pass.kernels.scale_search import SearchResult, search_scales
 from olive_int4_pass.options import QuantizeOptions
+from olive_int4_pass.plan.activation_store import ActivationStore
 from olive_int4_pass.plan.candidates import Candidate, WeightKey
 from olive_int4_pass.plan.sensitivity import ImpactProbe, group_by_layer, measure_groups
 
@@ -38,6 +40,7 @@ class QualityPlan:
         self.errors: dict[str, dict] = {}
         self.group_kl: dict[str, float] = {}  # measured sensitivity, when asked for
         self.seconds: dict[str, float] = {}  # where planning time went: calibration, sensitivity, search
+        self.activations: ActivationStore | None = None  # calibration inputs, for compensated rounding
         self._lock = threading.Lock()
 
     def quantize(self, key: WeightKey, candidate: Candidate, bits: int) -> QuantizedWeight:
@@ -47,7 +50,15 @@ class QualityPlan:
         cols = _sample_columns(candidate.n)
         search = None
         dtype = candidate.source.dtype.numpy()
-        if not opts.scale_search and streaming_rtn.applies(
+        hessian = None
+        if self.compensates(candidate):
+            weight = candidate.weight()
+            if opts.scale_search:
+                search = self.searched.get((key, bits)) or self._search(weight, importance, bits)
+            hessian = self.activations.second_moments(candidate.activation)
+            q = self._compensate(weight, hessian, candidate.name, bits, search)
+            sample = np.asarray(weight[:, cols], np.float32)
+        elif not opts.scale_search and streaming_rtn.applies(
             dtype, candidate.k, candidate.n, opts.block_size, bits, opts.is_symmetric
         ):
             # Round to nearest, streamed: the float weight is read band by band and never held whole.
@@ -65,8 +76,9 @@ class QualityPlan:
                 search = self.searched.get((key, bits)) or self._search(weight, importance, bits)
             q = self._quantize_with(weight, candidate.name, bits, search)
             sample = np.asarray(weight[:, cols], np.float32)
-        stats = _error_stats(cols, sample, q, importance)
+        stats = _error_stats(cols, sample, q, importance, hessian)
         stats.update(bits=bits, nodes=list(candidate.nodes), scale_search=search is not None)
+        stats["rounding"] = "compensated" if hessian is not None else "nearest"
         with self._lock:
             self.errors[candidate.name] = stats
         return q
@@ -82,6 +94,42 @@ class QualityPlan:
             scales=None if search is None else search.scales,
             zero_points=None if search is None else search.zero_points,
         )
+
+    def close(self) -> None:
+        """Drop what only the write needed (the kept calibration inputs)."""
+        if self.activations is not None:
+            self.activations.close()
+
+    def compensates(self, candidate: Candidate) -> bool:
+        """Whether ``candidate`` is rounded with error compensation (its calibration inputs were kept)."""
+        return self.activations is not None and candidate.activation in self.activations
+
+    def _compensate(
+        self, weight: np.ndarray, hessian: np.ndarray, name: str, bits: int, search: SearchResult | None
+    ) -> QuantizedWeight:
+        """Error-compensated rounding; the searched scales (if any) are fixed first, then compensated around."""
+        opts = self.options
+        q, info = compensated_quantize(
+            weight,
+            hessian,
+            block_size=opts.block_size,
+            bits=bits,
+            symmetric=opts.is_symmetric,
+            compensation=Compensation(opts.compensation_damping, opts.act_order, opts.compensation_block_rows),
+            scales=None if search is None else search.scales,
+            zero_points=None if search is None else search.zero_points,
+            name=name,
+        )
+        if info.retries:
+            logger.warning(
+                "%s: the input's second moments were singular; damped by %g x mean(diag) instead of %g",
+                name,
+                info.damp,
+                opts.compensation_damping,
+            )
+        if info.dead_channels:
+            logger.info("%s: %d input channels were zero on every calibration token", name, info.dead_channels)
+        return q
 
     def _search(self, weight: np.ndarray, importance: np.ndarray | None, bits: int) -> SearchResult:
         opts = self.options
@@ -259,8 +307,15 @@ def _sample_columns(n: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, min(_ERROR_SAMPLE_ROWS, n)).astype(int))
 
 
-def _error_stats(cols: np.ndarray, w: np.ndarray, q: QuantizedWeight, importance: np.ndarray | None) -> dict:
-    """Relative error of the dequantized weight (and importance-weighted) on output channels ``cols``.
+def _error_stats(
+    cols: np.ndarray,
+    w: np.ndarray,
+    q: QuantizedWeight,
+    importance: np.ndarray | None,
+    hessian: np.ndarray | None = None,
+) -> dict:
+    """Relative error of the dequantized weight (and importance-weighted) on output channels ``cols``; with the
+    input's second moments ``hessian``, also the relative error of the MatMul's output on the calibration inputs.
 
     ``w`` is the float weight's float32 ``W[:, cols]``.
     """
@@ -273,9 +328,13 @@ def _error_stats(cols: np.ndarray, w: np.ndarray, q: QuantizedWeight, importance
         q.block_size,
         q.bits,
     )
-    diff2 = (dequantize_blockwise(sample) - w) ** 2
+    e = dequantize_blockwise(sample) - w
+    diff2 = e**2
     stats = {"relative_error": float(np.sqrt(diff2.sum() / max(float((w**2).sum()), 1e-30)))}
     if importance is not None:
         imp = np.asarray(importance, np.float32)[:, None]
         stats["weighted_relative_error"] = float(np.sqrt((imp * diff2).sum() / max(float((imp * w**2).sum()), 1e-30)))
+    if hessian is not None:
+        error, energy = (float(np.einsum("kc,kc->", m, hessian @ m)) for m in (e, w))
+        stats["output_relative_error"] = float(np.sqrt(max(error, 0.0) / max(energy, 1e-30)))
     return stats

@@ -1,0 +1,235 @@
+"""Error-compensated rounding (GPTQ, Frantar et al. 2022) into the MatMulNBits block format (numerics only).
+
+``W[K, N]`` is rounded one input row ``k`` at a time; each row's rounding error is pushed onto the rows not yet
+rounded through the inverse of ``H = E[x x^T]``, the second moments of the MatMul's input over the calibration
+tokens: ``W[j] -= Hinv[k, j] / Hinv[k, k] * (W[k] - deq(W[k]))`` for ``j`` after ``k``. This greedily minimises the
+error of the layer's *output* on the calibration inputs, ``sum_n (w_n - q_n)^T H (w_n - q_n)``, which rounding each
+value to nearest ignores. The output is the same format as round to nearest: packed levels, one scale (and zero
+point) per block of ``block_size`` values along K, so every execution provider loads it unchanged.
+
+The algorithm is the paper's, with its lazy batch updates (``block_rows`` rows are rounded against a local copy,
+then the rest of ``W`` is updated by one matrix product) and the Cholesky form of ``Hinv``. Choices for the block
+format:
+
+- a block's scale (and zero point) is taken when its first row is reached, from the weights as compensated so far
+  (GPTQ's "groups"; ``block_params`` picks it: round-to-nearest parameters by default, a scale search in the
+  quality plan), or given up front for every block (``scales=``);
+- with ``act_order`` the rows are rounded in decreasing ``H[k, k]`` (largest inputs first); the blocks are still the
+  fixed runs of ``block_size`` rows of the stored layout, so their parameters are fixed up front from the original
+  weights ("static groups"), never from a block that is half rounded;
+- the damping ``damp * mean(diag H)`` is added to the diagonal; an input channel that calibration never saw
+  (``H[k, k] = 0``) gets a unit diagonal, so its row is rounded to nearest and passes no error on; if ``H`` is
+  still not positive definite the damping is raised tenfold (up to four times), and the caller is told;
+- levels are rounded exactly as onnxruntime's MLAS kernel rounds (``roundf(fl(w * (1/scale)) + zp)``, clamped),
+  so with a diagonal ``H`` (nothing to compensate) the bytes equal :func:`.rtn.quantize_blockwise`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from olive_int4_pass.kernels import streaming_rtn
+from olive_int4_pass.kernels.rtn import (
+    QuantizedWeight,
+    _clear_padding,
+    _pack,
+    _pack_zero_points,
+    check_finite,
+    rtn_params,
+    validate_bits,
+    validate_block_size,
+)
+
+_HALF_BELOW = 0.5 - 2.0**-25  # floor(x + _HALF_BELOW) == roundf(x) for 0 <= x < 2**22 (see scale_search)
+_DAMP_RETRIES = 4
+
+# (block [block_size, N] float32, block index) -> (scales [N] in the storage dtype, zero points [N] uint8 or None)
+BlockParams = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray | None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Compensation:
+    """GPTQ's knobs: relative damping, activation order, and rows rounded between two lazy updates."""
+
+    damp: float = 0.01
+    act_order: bool = False
+    block_rows: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class CompensationInfo:
+    """What the rounding had to do to ``H``: the damping finally used and the input channels never seen."""
+
+    damp: float
+    dead_channels: int
+    retries: int
+
+
+def rtn_block_params(symmetric: bool, bits: int, dtype: np.dtype) -> BlockParams:
+    """Round-to-nearest scale (and zero point) of each block, as :func:`.rtn.rtn_params` computes them."""
+
+    def params(block: np.ndarray, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        s, zp = rtn_params(block.T[:, None, :], bits, symmetric, dtype)
+        return s[:, 0], None if zp is None else zp[:, 0]
+
+    return params
+
+
+def compensated_quantize(
+    weight: np.ndarray,
+    hessian: np.ndarray,
+    *,
+    block_size: int = 32,
+    bits: int = 4,
+    symmetric: bool = True,
+    compensation: Compensation = Compensation(),
+    scales: np.ndarray | None = None,
+    zero_points: np.ndarray | None = None,
+    block_params: BlockParams | None = None,
+    name: str = "weight",
+) -> tuple[QuantizedWeight, CompensationInfo]:
+    """Quantize ``weight[K, N]`` with error compensation under ``hessian[K, K]`` (``E[x x^T]`` of its input).
+
+    ``scales`` (``[N, n_blocks]``, and ``zero_points`` unpacked, when asymmetric) fix every block's parameters up
+    front; otherwise ``block_params`` (default: round to nearest) picks them as each block is reached, or, with
+    ``act_order``, from the original weight before any row is rounded.
+    """
+    validate_block_size(block_size)
+    validate_bits(bits)
+    _check(weight, hessian, compensation, block_size, name)
+    torch = streaming_rtn._torch()
+    if torch is None:
+        raise ImportError("compensated rounding needs torch (installed with olive-ai)")
+    k, n = weight.shape
+    n_blocks = -(-k // block_size)
+    kp = n_blocks * block_size
+    dtype = weight.dtype
+    qmax = (1 << bits) - 1
+    if block_params is None:
+        block_params = rtn_block_params(symmetric, bits, dtype)
+
+    w = torch.zeros((kp, n), dtype=torch.float32)
+    w[:k] = torch.from_numpy(np.array(weight, np.float32))  # a copy: the weight may be a read-only map
+    if scales is None and compensation.act_order:  # static groups: every block's parameters from the original weight
+        params = [block_params(w[b * block_size : (b + 1) * block_size].numpy(), b) for b in range(n_blocks)]
+        scales = np.stack([p[0] for p in params], axis=1)
+        zero_points = None if symmetric else np.stack([p[1] for p in params], axis=1)
+    out_scales = np.empty((n, n_blocks), dtype)
+    out_zp = None if symmetric else np.empty((n, n_blocks), np.uint8)
+    if scales is not None:
+        out_scales[:] = scales
+        if out_zp is not None:
+            if zero_points is None:
+                raise ValueError(f"weight {name!r}: asymmetric rounding with given scales needs zero_points")
+            out_zp[:] = zero_points
+    s32 = torch.from_numpy(out_scales.astype(np.float32).T.copy())  # [n_blocks, N]
+    offset = torch.full((n_blocks, n), float(1 << (bits - 1)))
+    if out_zp is not None:
+        offset = torch.from_numpy(out_zp.astype(np.float32).T.copy())
+    reciprocal = torch.where(s32 != 0, 1.0 / s32, torch.zeros_like(s32))
+
+    perm = None
+    if compensation.act_order:  # padding rows (H[k, k] = 0) come last
+        diag = torch.zeros(kp)
+        diag[:k] = torch.as_tensor(np.diagonal(np.asarray(hessian)).astype(np.float32))
+        perm = torch.argsort(diag, descending=True, stable=True)
+        w = w[perm]
+    u, info = _inverse_factor(torch, hessian, k, kp, compensation.damp, name, perm)
+    order = perm if perm is not None else torch.arange(kp)
+    groups = (order // block_size).tolist()
+
+    levels = torch.empty((kp, n), dtype=torch.uint8)
+    step = compensation.block_rows
+    with torch.no_grad():
+        for i1 in range(0, kp, step):
+            i2 = min(i1 + step, kp)
+            w1 = w[i1:i2].clone()
+            err1 = torch.empty((i2 - i1, n), dtype=torch.float32)
+            u1 = u[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                g = groups[i1 + i]
+                if scales is None and (i1 + i) % block_size == 0:  # a new block: its parameters from W so far
+                    s, zp = block_params(w1[i : i + block_size].numpy(), g)
+                    out_scales[:, g] = s
+                    s32[g] = torch.from_numpy(np.asarray(s, np.float32))
+                    reciprocal[g] = torch.where(s32[g] != 0, 1.0 / s32[g], torch.zeros_like(s32[g]))
+                    if out_zp is not None:
+                        out_zp[:, g] = zp
+                        offset[g] = torch.from_numpy(zp.astype(np.float32))
+                row = w1[i]
+                x = row * reciprocal[g]
+                x += offset[g]
+                q = torch.floor(x.clamp_(0, qmax).add_(_HALF_BELOW))
+                levels[i1 + i] = q.to(torch.uint8)
+                err = (row - (q - offset[g]) * s32[g]) / u1[i, i]
+                w1[i + 1 :].addr_(u1[i, i + 1 :], err, alpha=-1)
+                err1[i] = err
+            if i2 < kp:
+                w[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1)
+    if perm is not None:
+        unpermuted = torch.empty_like(levels)
+        unpermuted[perm] = levels
+        levels = unpermuted
+    q = levels.numpy().T.reshape(n, n_blocks, block_size).copy()
+    _clear_padding(q, k, block_size, bits)
+    if not np.isfinite(out_scales.astype(np.float32)).all():
+        raise ValueError(f"weight {name!r}: a block's scale is not finite after compensation")
+    packed_zp = None if out_zp is None else _pack_zero_points(out_zp, bits)
+    return QuantizedWeight(_pack(q, bits), out_scales, packed_zp, k, n, block_size, bits), info
+
+
+def _check(weight: np.ndarray, hessian: np.ndarray, compensation: Compensation, block_size: int, name: str) -> None:
+    if weight.ndim != 2:
+        raise ValueError(f"weight {name!r} must be 2-D [K, N], got shape {weight.shape}")
+    check_finite(weight, name)
+    k = weight.shape[0]
+    if tuple(hessian.shape) != (k, k):
+        raise ValueError(f"weight {name!r}: H has shape {tuple(hessian.shape)}, expected ({k}, {k})")
+    if not np.isfinite(np.asarray(hessian)).all():
+        raise ValueError(f"weight {name!r}: the input's second moments H hold NaN or Inf (calibration overflowed)")
+    if not (np.isfinite(compensation.damp) and 0 < compensation.damp <= 1):
+        raise ValueError(f"compensation damping must be in (0, 1], got {compensation.damp!r}")
+    rows = compensation.block_rows
+    if rows < block_size or rows % block_size:
+        raise ValueError(f"compensation block_rows must be a multiple of block_size {block_size}, got {rows}")
+
+
+def _padded(torch, hessian: np.ndarray, k: int, kp: int):
+    """``H`` as float32 ``[kp, kp]``: rows past K (the last block's padding) never see an input."""
+    h = torch.zeros((kp, kp), dtype=torch.float32)
+    h[:k, :k] = torch.as_tensor(np.asarray(hessian), dtype=torch.float32)
+    return h
+
+
+def _inverse_factor(torch, hessian, k: int, kp: int, damp: float, name: str, perm=None):
+    """Upper Cholesky factor of ``(H + damping)^-1``, damping raised tenfold while ``H`` is not positive definite."""
+    h = _padded(torch, hessian, k, kp)
+    if perm is not None:
+        h = h[perm][:, perm]
+    diag = torch.diagonal(h)
+    dead = diag <= 0
+    diag[dead] = 1.0
+    mean = float(diag.mean())
+    added = 0.0
+    for retry in range(_DAMP_RETRIES + 1):
+        level = damp * 10**retry
+        diag += level * mean - added
+        added = level * mean
+        factor, status = torch.linalg.cholesky_ex(h)
+        if int(status) == 0:
+            break
+    else:
+        raise ValueError(
+            f"weight {name!r}: the input's second moments stay singular even damped by {level:g} x mean(diag H);"
+            " calibrate on more (or more varied) tokens"
+        )
+    del h
+    inverse = torch.cholesky_inverse(factor)
+    del factor
+    upper, status = torch.linalg.cholesky_ex(inverse, upper=True)
+    if int(status) != 0 or not bool(torch.isfinite(upper).all()):
+        raise ValueError(f"weight {name!r}: H is too ill-conditioned to invert; raise the damping")
+    return upper, CompensationInfo(level, int(dead.sum()) - (kp - k), retry)  # padding rows are not channels

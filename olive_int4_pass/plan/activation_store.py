@@ -1,0 +1,119 @@
+"""The calibration inputs of the MatMuls to compensate, kept on disk until their weights are rounded.
+
+Compensated rounding needs each MatMul input's full second moments ``H = E[x x^T]`` (``K x K``), but only while
+that weight is being rounded, which happens when the model is written, long after calibration. Keeping ``H`` for
+every input would take ``sum K^2`` floats (44 GB at 7B); the inputs themselves take ``tokens x sum K`` (a fifth of
+that at 2,048 tokens, and only disk). So calibration appends each window's inputs here as float32 rows, one file
+per MatMul input in a temporary folder, and :meth:`ActivationStore.second_moments` forms ``H`` from the
+memory-mapped rows when a weight asks for it (the last two are kept: q/k/v, gate/up share one input). The folder
+is removed by :meth:`close`, or when the store is garbage collected.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from olive_int4_pass.genai.files import describe_os_error
+from olive_int4_pass.kernels import streaming_rtn
+
+logger = logging.getLogger(__name__)
+
+_CACHED = 2
+_ROWS_PER_PRODUCT = 4096
+
+
+class ActivationStore:
+    """Float32 rows of each named activation (``[tokens, K]``), appended window by window."""
+
+    def __init__(self, widths: Mapping[str, int], directory: str | os.PathLike | None = None) -> None:
+        self.widths = dict(widths)
+        self.folder = Path(tempfile.mkdtemp(prefix="olive-int4-activations-", dir=directory))
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.folder), True)
+        self._files = {name: self.folder / f"{i}.f32" for i, name in enumerate(sorted(self.widths))}
+        self._rows = dict.fromkeys(self.widths, 0)
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.widths
+
+    @staticmethod
+    def check_space(widths: Mapping[str, int], tokens: int, directory: str | os.PathLike | None = None) -> int:
+        """The bytes ``tokens`` rows of every input take; ``ValueError`` when the temporary folder's disk lacks them."""
+        needed = 4 * tokens * sum(widths.values())
+        where = Path(directory or tempfile.gettempdir())
+        free = shutil.disk_usage(where).free
+        if needed > free:
+            raise ValueError(
+                f"compensated rounding keeps the calibration inputs on disk: {needed / 1e9:.2f} GB needed in {where},"
+                f" {free / 1e9:.2f} GB free (set TMPDIR to a larger disk, or lower calibration_tokens)"
+            )
+        return needed
+
+    def add(self, name: str, x: np.ndarray) -> None:
+        """Append one window's inputs ``[..., K]``."""
+        if name not in self.widths:
+            return
+        rows = np.ascontiguousarray(np.asarray(x, np.float32).reshape(-1, self.widths[name]))
+        if not np.isfinite(rows).all():
+            raise ValueError(f"calibration input {name!r} holds NaN or Inf: the float model overflows on this text")
+        try:
+            with open(self._files[name], "ab") as f:
+                f.write(rows.tobytes())
+        except OSError as e:
+            why = describe_os_error(e)
+            raise ValueError(f"cannot keep the calibration inputs for compensated rounding: {why}") from e
+        self._rows[name] += rows.shape[0]
+
+    def tokens(self, name: str) -> int:
+        return self._rows[name]
+
+    def second_moments(self, name: str) -> np.ndarray:
+        """``E[x x^T]`` of ``name``'s rows, float32 ``[K, K]`` (summed in float64 blocks of rows)."""
+        with self._lock:
+            if name in self._cache:
+                self._cache.move_to_end(name)
+                return self._cache[name]
+            h = self._compute(name)
+            self._cache[name] = h
+            while len(self._cache) > _CACHED:
+                self._cache.popitem(last=False)
+            return h
+
+    def _compute(self, name: str) -> np.ndarray:
+        count, k = self._rows[name], self.widths[name]
+        if count == 0:
+            raise ValueError(f"calibration saw no values for {name!r}")
+        x = np.memmap(self._files[name], dtype=np.float32, mode="r", shape=(count, k))
+        torch = streaming_rtn._torch()
+        if torch is None:
+            raise ImportError("compensated rounding needs torch (installed with olive-ai)")
+        total = torch.zeros((k, k), dtype=torch.float64)
+        for start in range(0, count, _ROWS_PER_PRODUCT):
+            rows = torch.from_numpy(np.array(x[start : start + _ROWS_PER_PRODUCT]))
+            total += (rows.T @ rows).double()  # float32 products of a few thousand rows, summed in float64
+        del x
+        return (total / count).float().numpy()
+
+    def close(self) -> None:
+        self._cache.clear()
+        self._finalizer()
+
+
+def widths_of(activations: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """``{activation: K}``, refusing one input read with two widths (it cannot happen in a valid graph)."""
+    widths: dict[str, int] = {}
+    for name, k in activations:
+        if widths.setdefault(name, k) != k:
+            raise ValueError(f"activation {name!r} feeds weights of {widths[name]} and {k} input channels")
+    return widths

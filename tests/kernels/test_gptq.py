@@ -1,0 +1,174 @@
+"""Error-compensated rounding (kernels/gptq.py): the bytes of round to nearest when there is nothing to compensate,
+the paper's algorithm (checked against a plain float64 version of it), less output error than round to nearest on
+correlated inputs, and clear errors for bad H."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from olive_int4_pass.kernels.gptq import Compensation, compensated_quantize
+from olive_int4_pass.kernels.rtn import _unpack, dequantize_blockwise, quantize_blockwise, rtn_params
+
+
+def correlated_inputs(k: int, tokens: int = 1024, seed: int = 0) -> np.ndarray:
+    """Activations with correlated channels of very different sizes, as in a transformer."""
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(k, k)) * 0.3 + np.eye(k)
+    return (rng.normal(size=(tokens, k)) @ mix * np.exp(rng.normal(size=k))).astype(np.float32)
+
+
+def second_moments(x: np.ndarray) -> np.ndarray:
+    return (x.astype(np.float64).T @ x / len(x)).astype(np.float32)
+
+
+def output_error(q, w: np.ndarray, h: np.ndarray) -> float:
+    e = dequantize_blockwise(q).astype(np.float64) - w.astype(np.float64)
+    return float(np.einsum("kn,kj,jn->", e, h.astype(np.float64), e))
+
+
+def reference_gptq(
+    w: np.ndarray, h: np.ndarray, *, bits: int, symmetric: bool, damp: float = 0.01
+) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ as the paper writes it (Frantar et al. 2022, eq. 2-3), in float64: round row k, spread its error with
+    the inverse of H over the rows left, then remove row k from the inverse by one Gaussian elimination step.
+    Each block's round-to-nearest parameters are taken from the weights as compensated when it is reached.
+    Returns the levels and the dequantized weight."""
+    k, n = w.shape
+    w = w.astype(np.float64).copy()
+    h = h.astype(np.float64).copy()
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    hinv = np.linalg.inv(h)
+    levels = np.empty((k, n), np.uint8)
+    deq = np.empty((k, n))
+    for row in range(k):
+        if row % 32 == 0:
+            s, zp = rtn_params(w[row : row + 32].T[:, None, :].astype(np.float32), bits, symmetric, np.float32)
+            s = s[:, 0].astype(np.float64)
+            offset = 2.0 ** (bits - 1) if zp is None else zp[:, 0].astype(np.float64)
+        x = np.clip(w[row] / np.where(s != 0, s, np.inf) + offset, 0, 2**bits - 1)
+        q = np.floor(x + 0.5)
+        levels[row] = q
+        deq[row] = (q - offset) * s
+        err = (w[row] - deq[row]) / hinv[row, row]
+        w[row + 1 :] -= np.outer(hinv[row + 1 :, row], err)
+        hinv -= np.outer(hinv[:, row], hinv[row, :]) / hinv[row, row]
+    return levels, deq
+
+
+def levels_of(q) -> np.ndarray:
+    return _unpack(q.packed, q.bits).reshape(q.n, -1)[:, : q.k].T
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_diagonal_h_gives_round_to_nearest_bytes(dtype, symmetric, bits, act_order):
+    # Uncorrelated inputs leave nothing to compensate: the reference RTN bytes, padding of a partial block included.
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(80, 48)).astype(dtype)
+    h = np.diag(rng.uniform(0.1, 10, size=80)).astype(np.float32)
+    q, info = compensated_quantize(
+        w, h, bits=bits, symmetric=symmetric, compensation=Compensation(act_order=act_order, block_rows=64)
+    )
+    ref = quantize_blockwise(w, bits=bits, symmetric=symmetric)
+    assert info.retries == 0 and info.dead_channels == 0
+    assert q.scales.dtype == ref.scales.dtype
+    np.testing.assert_array_equal(q.packed, ref.packed)
+    np.testing.assert_array_equal(q.scales, ref.scales)
+    if not symmetric:
+        np.testing.assert_array_equal(q.zero_points, ref.zero_points)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_given_scales_are_kept(symmetric):
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(64, 40)).astype(np.float16)
+    rtn = quantize_blockwise(w, symmetric=symmetric)
+    scales = (rtn.scales.astype(np.float32) * 0.9).astype(np.float16)
+    zp = None
+    if not symmetric:
+        zp = np.stack([rtn.zero_points & 0xF, rtn.zero_points >> 4], axis=-1).reshape(40, -1)[:, :2]
+    q, _ = compensated_quantize(w, np.eye(64, dtype=np.float32), symmetric=symmetric, scales=scales, zero_points=zp)
+    ref = quantize_blockwise(w, symmetric=symmetric, scales=scales, zero_points=zp)
+    np.testing.assert_array_equal(q.scales, scales)
+    np.testing.assert_array_equal(q.packed, ref.packed)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_matches_the_papers_algorithm(symmetric):
+    x = correlated_inputs(96, seed=3)
+    h = second_moments(x)
+    w = np.random.default_rng(3).normal(size=(96, 64)).astype(np.float32)
+    q, _ = compensated_quantize(w, h, symmetric=symmetric, compensation=Compensation(block_rows=32))
+    ref, ref_deq = reference_gptq(w, h, bits=4, symmetric=symmetric)
+    # float32 against float64: a level next to a tie may round the other way and steer the rows after it a little
+    assert (levels_of(q) == ref).mean() > 0.97
+    e = ref_deq - w
+    assert output_error(q, w, h) == pytest.approx(float(np.einsum("kn,kj,jn->", e, h.astype(np.float64), e)), rel=0.02)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_less_output_error_than_round_to_nearest(bits, symmetric):
+    x = correlated_inputs(256, seed=4)
+    h = second_moments(x)
+    w = np.random.default_rng(4).normal(size=(256, 96)).astype(np.float16)
+    rtn = output_error(quantize_blockwise(w, bits=bits, symmetric=symmetric), w, h)
+    plain, _ = compensated_quantize(w, h, bits=bits, symmetric=symmetric)
+    ordered, _ = compensated_quantize(w, h, bits=bits, symmetric=symmetric, compensation=Compensation(act_order=True))
+    assert output_error(plain, w, h) < 0.7 * rtn
+    assert output_error(ordered, w, h) < 0.7 * rtn
+    # the lazy batches are an implementation detail: any block of rows gives the same levels up to float rounding
+    other, _ = compensated_quantize(w, h, bits=bits, symmetric=symmetric, compensation=Compensation(block_rows=32))
+    assert (levels_of(other) == levels_of(plain)).mean() > 0.99
+
+
+def test_deterministic():
+    x = correlated_inputs(128, seed=5)
+    h = second_moments(x)
+    w = np.random.default_rng(5).normal(size=(128, 64)).astype(np.float32)
+    a, _ = compensated_quantize(w, h, symmetric=False, compensation=Compensation(act_order=True))
+    b, _ = compensated_quantize(w, h, symmetric=False, compensation=Compensation(act_order=True))
+    np.testing.assert_array_equal(a.packed, b.packed)
+    np.testing.assert_array_equal(a.zero_points, b.zero_points)
+
+
+def test_dead_channels_and_rank_deficient_h():
+    # 40 tokens for 128 channels (rank 40), 8 channels never active: damped, finite, still better than RTN.
+    x = correlated_inputs(128, tokens=40, seed=6)
+    x[:, 10:18] = 0
+    h = second_moments(x)
+    w = np.random.default_rng(6).normal(size=(128, 32)).astype(np.float32)
+    q, info = compensated_quantize(w, h)
+    assert info.dead_channels == 8
+    assert np.isfinite(dequantize_blockwise(q)).all()
+    assert output_error(q, w, h) < output_error(quantize_blockwise(w), w, h)
+
+
+def test_singular_h_raises_the_damping():
+    # A negative direction no damping of 1 % fixes: the damping grows tenfold until H is positive definite.
+    h = np.eye(64, dtype=np.float32)
+    h[0, 1] = h[1, 0] = 1.05
+    w = np.random.default_rng(7).normal(size=(64, 16)).astype(np.float32)
+    q, info = compensated_quantize(w, h)
+    assert info.retries >= 1 and info.damp > 0.01
+    assert np.isfinite(dequantize_blockwise(q)).all()
+
+
+@pytest.mark.parametrize(
+    "h, compensation, match",
+    [
+        (np.eye(32, dtype=np.float32), Compensation(), "expected"),
+        (np.full((64, 64), np.nan, np.float32), Compensation(), "NaN"),
+        (np.eye(64, dtype=np.float32), Compensation(damp=0.0), "damping"),
+        (np.eye(64, dtype=np.float32), Compensation(block_rows=48), "multiple"),
+        (-np.ones((64, 64), np.float32) * 1e30, Compensation(), "singular"),
+    ],
+)
+def test_bad_input(h, compensation, match):
+    w = np.ones((64, 8), np.float32)
+    with pytest.raises(ValueError, match=match):
+        compensated_quantize(w, h, compensation=compensation)

@@ -1,0 +1,118 @@
+"""``rounding: compensated`` end to end on builder exports of a tiny Qwen2: same format and size as round to
+nearest, closer to the float model on the calibration text, deterministic, temporary inputs removed, and clear
+errors for too few tokens or too little disk."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections import namedtuple
+
+import numpy as np
+import onnx
+import pytest
+
+from olive_int4_pass.genai.decoder import DecoderRunner, log_softmax
+from olive_int4_pass.options import MIN_COMPENSATION_TOKENS, QuantizeOptions
+from olive_int4_pass.pipeline import quantize_file
+from olive_int4_pass.plan.calibration import default_calibration_text, tokenize
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """Temporary files of the run go here, so the test sees whether they are removed."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def kept_inputs(folder) -> list:
+    return list(folder.glob("olive-int4-activations-*"))
+
+
+def kl_to_float(float_model, quantized_model, ids) -> float:
+    ref = log_softmax(DecoderRunner(float_model).logits(ids))
+    out = log_softmax(DecoderRunner(quantized_model, config_dir=float_model.parent).logits(ids))
+    return float((np.exp(ref) * (ref - out)).sum(-1).mean())
+
+
+def report(folder) -> dict:
+    return json.loads((folder / "quantization_report.json").read_text())
+
+
+@pytest.mark.parametrize("target", ["fp32-cpu", "fp16-cuda"])
+def test_closer_to_the_float_model_at_the_same_size(exports, tmp_path, private_tmp, target):
+    model = exports("qwen2")[target] / "model.onnx"
+    plain = quantize_file(model, tmp_path / "rtn", QuantizeOptions(), progress=False)
+    options = QuantizeOptions(rounding="compensated", calibration="default", calibration_tokens=1024)
+    compensated = quantize_file(model, tmp_path / "gptq", options, progress=False)
+    assert not kept_inputs(private_tmp), "the kept calibration inputs must be removed after the write"
+    # the same graph and tensor shapes: only the levels differ
+    a, b = (onnx.load(str(p), load_external_data=False) for p in (plain, compensated))
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    assert [(i.name, list(i.dims)) for i in a.graph.initializer] == [
+        (i.name, list(i.dims)) for i in b.graph.initializer
+    ]
+    assert (tmp_path / "rtn/model.onnx.data").stat().st_size == (tmp_path / "gptq/model.onnx.data").stat().st_size
+    weights = report(tmp_path / "gptq")["weights_worst_first"]
+    assert weights and all(w["rounding"] == "compensated" for w in weights.values())
+    assert all(0 < w["output_relative_error"] < 0.5 for w in weights.values())
+    # in-sample (the calibration text): the model's predictions move less than with round to nearest
+    ids = tokenize(default_calibration_text(), model.parent, 256)
+    kl_rtn, kl_gptq = kl_to_float(model, plain, ids), kl_to_float(model, compensated, ids)
+    assert kl_gptq < 0.8 * kl_rtn, (kl_gptq, kl_rtn)
+
+
+def test_with_a_preset_deterministic_and_budget_kept(exports, tmp_path, private_tmp):
+    model = exports("qwen2")["fp32-cpu"] / "model.onnx"
+    preset = QuantizeOptions(quality="balanced", calibration_tokens=512)
+    balanced = quantize_file(model, tmp_path / "balanced", preset, progress=False)
+    options = QuantizeOptions(quality="balanced", rounding="compensated", act_order=True, calibration_tokens=512)
+    first = quantize_file(model, tmp_path / "one", options, progress=False)
+    second = quantize_file(model, tmp_path / "two", options, progress=False)
+    data = [(p.parent / "model.onnx.data").read_bytes() for p in (balanced, first, second)]
+    assert data[1] == data[2]
+    assert data[1] != data[0] and len(data[1]) == len(data[0])  # same 8-bit choices and scales, other levels
+    bits = {name: w["bits"] for name, w in report(tmp_path / "one")["weights_worst_first"].items()}
+    assert bits == {name: w["bits"] for name, w in report(tmp_path / "balanced")["weights_worst_first"].items()}
+    assert 8 in bits.values()  # the 8-bit tensors are compensated too
+    assert not kept_inputs(private_tmp)
+
+
+def test_too_few_tokens_is_a_clear_error(exports, tmp_path, private_tmp):
+    model = exports("qwen2")["fp32-cpu"] / "model.onnx"
+    with pytest.raises(ValueError, match=f"at least {MIN_COMPENSATION_TOKENS} calibration tokens"):
+        QuantizeOptions(rounding="compensated", calibration="default", calibration_tokens=100)
+    options = QuantizeOptions(rounding="compensated", calibration="default")  # the ids replace the text: 120 tokens
+    with pytest.raises(ValueError, match=f"at least {MIN_COMPENSATION_TOKENS} calibration tokens.*gave 120"):
+        quantize_file(model, tmp_path / "out", options, calibration_ids=[list(range(3, 123))], progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="needs calibration"):
+        QuantizeOptions(rounding="compensated", calibration=None)
+
+
+def test_not_enough_disk_is_a_clear_error(exports, tmp_path, private_tmp, monkeypatch):
+    model = exports("qwen2")["fp32-cpu"] / "model.onnx"
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    options = QuantizeOptions(rounding="compensated", calibration="default", calibration_tokens=512)
+    with pytest.raises(ValueError, match="GB needed in .*TMPDIR"):
+        quantize_file(model, tmp_path / "out", options, progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not kept_inputs(private_tmp)
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"compensation_damping": 0.0}, "compensation_damping"),
+        ({"compensation_damping": float("nan")}, "compensation_damping"),
+        ({"compensation_block_rows": 48}, "multiple of block_size"),
+        ({"rounding": "gptq"}, "rounding must be one of"),
+    ],
+)
+def test_bad_options(values, match):
+    with pytest.raises(ValueError, match=match):
+        QuantizeOptions(calibration="default", **{"rounding": "compensated", **values})
