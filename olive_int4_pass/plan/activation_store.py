@@ -5,8 +5,8 @@ that weight is being rounded, which happens when the model is written, long afte
 every input would take ``sum K^2`` floats (44 GB at 7B); the inputs themselves take ``tokens x sum K`` (a fifth of
 that at 2,048 tokens, and only disk). So calibration appends each window's inputs here as float32 rows, one file
 per MatMul input in a temporary folder, and :meth:`ActivationStore.second_moments` forms ``H`` from the
-memory-mapped rows when a weight asks for it (the last two are kept: q/k/v, gate/up share one input). The folder
-is removed by :meth:`close`, or when the store is garbage collected.
+memory-mapped rows when a weight asks for it (the last two of up to 256 MB are kept: q/k/v, gate/up share one
+input). The folder is removed by :meth:`close`, or when the store is garbage collected.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from olive_int4_pass.kernels import streaming_rtn
 logger = logging.getLogger(__name__)
 
 _CACHED = 2
+_CACHED_MAX_BYTES = 1 << 28  # an H larger than this (K > 8192: a down projection's) feeds one weight: not kept
 _ROWS_PER_PRODUCT = 4096
 
 
@@ -79,12 +80,14 @@ class ActivationStore:
         return self._rows[name]
 
     def second_moments(self, name: str) -> np.ndarray:
-        """``E[x x^T]`` of ``name``'s rows, float32 ``[K, K]`` (summed in float64 blocks of rows)."""
+        """``E[x x^T]`` of ``name``'s rows, float32 ``[K, K]``, summed in place over bands of rows."""
         with self._lock:
             if name in self._cache:
                 self._cache.move_to_end(name)
                 return self._cache[name]
             h = self._compute(name)
+            if h.nbytes > _CACHED_MAX_BYTES:
+                return h
             self._cache[name] = h
             while len(self._cache) > _CACHED:
                 self._cache.popitem(last=False)
@@ -98,12 +101,12 @@ class ActivationStore:
         torch = streaming_rtn._torch()
         if torch is None:
             raise ImportError("compensated rounding needs torch (installed with olive-ai)")
-        total = torch.zeros((k, k), dtype=torch.float64)
+        total = torch.zeros((k, k), dtype=torch.float32)  # the one K x K buffer: 1.4 GB at K = 18,944
         for start in range(0, count, _ROWS_PER_PRODUCT):
             rows = torch.from_numpy(np.array(x[start : start + _ROWS_PER_PRODUCT]))
-            total += (rows.T @ rows).double()  # float32 products of a few thousand rows, summed in float64
+            total.addmm_(rows.T, rows)
         del x
-        return (total / count).float().numpy()
+        return total.div_(count).numpy()
 
     def close(self) -> None:
         self._cache.clear()

@@ -98,7 +98,7 @@ def test_not_enough_disk_is_a_clear_error(exports, tmp_path, private_tmp, monkey
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     options = QuantizeOptions(rounding="compensated", calibration="default", calibration_tokens=512)
-    with pytest.raises(ValueError, match="GB needed in .*TMPDIR"):
+    with pytest.raises(ValueError, match=r"GB needed in .*TMPDIR"):
         quantize_file(model, tmp_path / "out", options, progress=False)
     assert not (tmp_path / "out").exists()
     assert not kept_inputs(private_tmp)

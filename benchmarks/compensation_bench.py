@@ -1,0 +1,96 @@
+"""What error-compensated rounding (``rounding: compensated``) costs per weight, at a model's MatMul shapes.
+
+    python benchmarks/compensation_bench.py                         # Qwen2-7B's shapes (one layer + lm_head)
+    python benchmarks/compensation_bench.py --hidden 1536 --intermediate 8960 --kv 256 --vocab 151936   # 1.5B
+
+For each distinct MatMul of one transformer layer (q, k, v, o, gate, up, down) and the lm_head, a random fp16
+weight ``W[K, N]`` and the second moments ``H`` of 2,048 correlated random input rows are made; the table shows,
+per weight, the seconds of forming ``H`` from the kept inputs (:class:`ActivationStore`), of the rounding
+(``compensated_quantize``, act-order) and of plain round to nearest (``quantize_blockwise``), and the output-error
+ratio against round to nearest (below 1 is better). The last lines extrapolate one layer to the model's depth
+and give the process's peak RSS (VmHWM), which the largest ``H`` (the down projection's, ``intermediate^2``
+floats) sets. Timings share the machine with whatever else runs: rerun for a median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from olive_int4_pass.kernels.gptq import Compensation, compensated_quantize
+from olive_int4_pass.kernels.rtn import dequantize_blockwise, quantize_blockwise
+from olive_int4_pass.plan.activation_store import ActivationStore
+
+
+def peak_rss_gb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1e6
+    return float("nan")
+
+
+def inputs(k: int, tokens: int, rng: np.random.Generator) -> np.ndarray:
+    """Rows with a few shared directions and channels of very different sizes, as a transformer's are."""
+    shared = rng.normal(size=(tokens, 16)).astype(np.float32) @ rng.normal(size=(16, k)).astype(np.float32)
+    x = rng.normal(size=(tokens, k)).astype(np.float32) + shared
+    return x * np.exp(rng.normal(size=k)).astype(np.float32)
+
+
+def output_error(q, w: np.ndarray, h: np.ndarray, cols: np.ndarray) -> float:
+    e = dequantize_blockwise(q)[:, cols] - w[:, cols].astype(np.float32)
+    return float(np.einsum("kc,kc->", e, h @ e))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=3584)
+    parser.add_argument("--intermediate", type=int, default=18944)
+    parser.add_argument("--kv", type=int, default=512, help="k/v projection width (kv heads x head size)")
+    parser.add_argument("--vocab", type=int, default=152064)
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--skip-lm-head", action="store_true")
+    args = parser.parse_args()
+    d, f = args.hidden, args.intermediate
+    shapes = [("q", d, d), ("k", d, args.kv), ("v", d, args.kv), ("o", d, d), ("gate", d, f), ("up", d, f)]
+    shapes += [("down", f, d)] + ([] if args.skip_lm_head else [("lm_head", d, args.vocab)])
+    rng = np.random.default_rng(0)
+    store = ActivationStore({"hidden": d, "intermediate": f})
+    for name, k in store.widths.items():
+        for start in range(0, args.tokens, 256):
+            store.add(name, inputs(k, min(256, args.tokens - start), rng))
+    print("| weight | K x N | form H s | compensated s | nearest s | output error / nearest's |")
+    print("|---|---|---:|---:|---:|---:|")
+    layer = 0.0
+    for name, k, n in shapes:
+        w = (rng.normal(size=(k, n)) * 0.02).astype(np.float16)
+        start = time.perf_counter()
+        h = store.second_moments("hidden" if k == d else "intermediate")
+        form = time.perf_counter() - start
+        start = time.perf_counter()
+        q, _ = compensated_quantize(w, h, compensation=Compensation(act_order=True), name=name)
+        comp = time.perf_counter() - start
+        start = time.perf_counter()
+        rtn = quantize_blockwise(w)
+        nearest = time.perf_counter() - start
+        cols = np.unique(np.linspace(0, n - 1, min(n, 256)).astype(int))
+        ratio = output_error(q, w, h, cols) / output_error(rtn, w, h, cols)
+        if name != "lm_head":
+            layer += form + comp
+        print(f"| {name} | {k} x {n} | {form:.1f} | {comp:.1f} | {nearest:.2f} | {ratio:.3f} |", flush=True)
+        del q, rtn, w
+    store.close()
+    print(
+        f"\none layer: {layer:.0f} s; x {args.layers} layers: {layer * args.layers / 60:.1f} min (before the lm_head)"
+    )
+    print(f"peak RSS: {peak_rss_gb():.2f} GB")
+
+
+if __name__ == "__main__":
+    main()

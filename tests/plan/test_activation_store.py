@@ -1,0 +1,41 @@
+"""The kept calibration inputs of compensated rounding: E[x x^T] over every window, on disk, removed after."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from olive_int4_pass.plan.activation_store import ActivationStore, widths_of
+
+
+def test_second_moments_over_all_windows(tmp_path):
+    rng = np.random.default_rng(0)
+    store = ActivationStore({"a": 48, "b": 16}, tmp_path)
+    windows = [rng.normal(size=(1, n, 48)).astype(np.float32) for n in (100, 37, 256)]
+    for x in windows:
+        store.add("a", x)
+        store.add("b", x[..., :16].astype(np.float16))  # any float dtype; kept as float32
+        store.add("not kept", x)
+    x = np.concatenate([w.reshape(-1, 48) for w in windows]).astype(np.float64)
+    assert store.tokens("a") == store.tokens("b") == 393
+    np.testing.assert_allclose(store.second_moments("a"), x.T @ x / 393, rtol=2e-5, atol=1e-6)
+    b = x[:, :16].astype(np.float16).astype(np.float64)
+    np.testing.assert_allclose(store.second_moments("b"), b.T @ b / 393, rtol=2e-5, atol=1e-6)
+    assert store.second_moments("a") is store.second_moments("a")  # shared inputs (q/k/v) form H once
+    folder = store.folder
+    assert len(list(folder.iterdir())) == 2
+    store.close()
+    assert not folder.exists()
+
+
+def test_bad_inputs(tmp_path):
+    store = ActivationStore({"a": 8}, tmp_path)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        store.add("a", np.full((2, 8), np.inf, np.float32))
+    with pytest.raises(ValueError, match="saw no values"):
+        store.second_moments("a")
+    with pytest.raises(ValueError, match=r"1000\.00 GB needed"):
+        ActivationStore.check_space({"a": 10**6}, 250_000, tmp_path)
+    with pytest.raises(ValueError, match="feeds weights of 8 and 16"):
+        widths_of([("x", 8), ("x", 16)])
+    store.close()
