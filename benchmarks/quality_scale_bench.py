@@ -31,6 +31,8 @@ PRESETS = {
     "calibrate": {"calibration": "default"},  # the calibration pass alone: the weights stay plain RTN
     "balanced": {"quality": "balanced"},
     "max": {"quality": "max"},
+    "balanced-compensated": {"quality": "balanced", "rounding": "compensated"},
+    "max-compensated": {"quality": "max", "rounding": "compensated"},
 }
 
 
@@ -256,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     parser.add_argument("--layers", type=int, nargs="+", help="layer counts to measure (default: the shape's)")
-    parser.add_argument("--variants", nargs="+", choices=list(PRESETS), default=list(PRESETS))
+    default = ["int4", "calibrate", "balanced", "max"]
+    parser.add_argument("--variants", nargs="+", choices=list(PRESETS), default=default)
     parser.add_argument("--work-dir", default="bench-work/quality-scale")
     parser.add_argument("--keep", action="store_true", help="keep the quantized outputs")
     args = parser.parse_args(argv)

@@ -71,8 +71,8 @@ def _add_compare_parser(commands) -> None:
     c.add_argument("-o", "--output-dir", default="compare-report", help="where the report goes (default: %(default)s)")
     c.add_argument(
         "--variants",
-        help="comma-separated names to measure; built: fp32, fp16, int8, int4, int4-search, int4-balanced, int4-max"
-        " (default: fp32,fp16,int8,int4 where they can be had)",
+        help="comma-separated names to measure; built: fp32, fp16, int8, int4, int4-search, int4-compensated,"
+        " int4-balanced, int4-max (default: fp32,fp16,int8,int4 where they can be had)",
     )
     c.add_argument(
         "--use",

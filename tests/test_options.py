@@ -38,7 +38,7 @@ NON_DEFAULT = {
     "sensitivity_tokens": (64, ["--sensitivity-tokens", "64"]),
     "rounding": ("compensated", ["--rounding", "compensated"]),
     "compensation_damping": (0.05, ["--compensation-damping", "0.05"]),
-    "act_order": (True, ["--act-order"]),
+    "act_order": (False, ["--no-act-order"]),
     "compensation_block_rows": (256, ["--compensation-block-rows", "256"]),
 }
 

@@ -33,12 +33,29 @@ QUANTIZED_PRESETS: dict[str, dict[str, Any]] = {
     "int8": {"bits": 8, "accuracy_level": 4},
     "int4": {"accuracy_level": 4},
     "int4-search": {"accuracy_level": 4, "calibration": "default", "scale_search": True},  # same size as int4
+    # the same size again: searched scales, then error-compensated rounding (GPTQ) around them
+    "int4-compensated": {
+        "accuracy_level": 4,
+        "calibration": "default",
+        "scale_search": True,
+        "rounding": "compensated",
+    },
     "int4-balanced": {"accuracy_level": 4, "quality": "balanced"},
     "int4-max": {"accuracy_level": 4, "quality": "max"},
 }
 DEFAULT_VARIANTS = ("fp32", "fp16", "int8", "int4")
 # Best precision first: the default reference is the first of these present.
-PRECISION_ORDER = ("fp32", "bf16", "fp16", "int8", "int4-max", "int4-balanced", "int4-search", "int4")
+PRECISION_ORDER = (
+    "fp32",
+    "bf16",
+    "fp16",
+    "int8",
+    "int4-max",
+    "int4-balanced",
+    "int4-compensated",
+    "int4-search",
+    "int4",
+)
 STAMP = "compare-variant.json"
 SIDE_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
 

@@ -137,7 +137,7 @@ def test_calibration_file_reaches_every_calibrating_preset(builder_exports, tmp_
     source = Variant("fp32", builder_exports["fp32-cpu"], "given")
     text = str(tmp_path / "calibration.txt")
     Path(text).write_text("A calibration text of the user's own. " * 20, encoding="utf-8")
-    for name in ("int4", "int4-search", "int4-balanced", "int4-max"):
+    for name in ("int4", "int4-search", "int4-compensated", "int4-balanced", "int4-max"):
         variant = _quantize(name, source, QUANTIZED_PRESETS[name], text, tmp_path / "work")
         recipe = json.loads((variant.package_dir / STAMP).read_text())["quantize"]["options"]
         options = calls.pop()
@@ -367,18 +367,20 @@ def test_compare_shows_progress_bars_on_a_terminal(compared, tmp_path):
 # --- int4-search: "the int4 size exactly" ---
 
 
-def test_int4_search_is_the_int4_size_exactly(builder_exports, tmp_path):
-    """docs/compare.md and docs/quality.md: int4-search costs no byte over int4. Sizes from the file system."""
+@pytest.mark.parametrize("variant", ["int4-search", "int4-compensated"])
+def test_int4_search_is_the_int4_size_exactly(builder_exports, tmp_path, variant):
+    """docs/compare.md and docs/quality.md: int4-search and int4-compensated cost no byte over int4. Sizes from the
+    file system."""
     from olive_int4_pass.options import QuantizeOptions
     from olive_int4_pass.pipeline import quantize_file
 
     src = builder_exports["fp32-cpu"] / "model.onnx"
     out = {}
-    for name in ("int4", "int4-search"):
+    for name in ("int4", variant):
         out[name] = quantize_file(src, tmp_path / name, QuantizeOptions(**QUANTIZED_PRESETS[name]), progress=False)
     for file in ("model.onnx", "model.onnx.data"):
-        assert (tmp_path / "int4" / file).stat().st_size == (tmp_path / "int4-search" / file).stat().st_size, file
-    plain, searched = (initializers(load_onnx(out[name])) for name in ("int4", "int4-search"))
+        assert (tmp_path / "int4" / file).stat().st_size == (tmp_path / variant / file).stat().st_size, file
+    plain, searched = (initializers(load_onnx(out[name])) for name in ("int4", variant))
     assert {k: (v.dtype, v.shape) for k, v in plain.items()} == {k: (v.dtype, v.shape) for k, v in searched.items()}
     changed = [k for k in plain if k.endswith("_scales") and not np.array_equal(plain[k], searched[k])]
     assert changed  # it did search: same bytes on disk, other scales

@@ -69,7 +69,7 @@ def test_with_a_preset_deterministic_and_budget_kept(exports, tmp_path, private_
     model = exports("qwen2")["fp32-cpu"] / "model.onnx"
     preset = QuantizeOptions(quality="balanced", calibration_tokens=512)
     balanced = quantize_file(model, tmp_path / "balanced", preset, progress=False)
-    options = QuantizeOptions(quality="balanced", rounding="compensated", act_order=True, calibration_tokens=512)
+    options = QuantizeOptions(quality="balanced", rounding="compensated", calibration_tokens=512)
     first = quantize_file(model, tmp_path / "one", options, progress=False)
     second = quantize_file(model, tmp_path / "two", options, progress=False)
     data = [(p.parent / "model.onnx.data").read_bytes() for p in (balanced, first, second)]
