@@ -172,6 +172,12 @@ class QuantizeOptions:
         " as stored, their scales fixed from the float weight first. On by default: it measured better on real"
         " models (docs/quality.md).",
     )
+    compensation_max_inputs: int | None = option(
+        None,
+        "Compensated rounding: weights with more input channels (K) than this are rounded to nearest. The inverse of"
+        " E[x x^T] costs K^3: about 1.5 min on 2 cores for a 7B down projection's 18,944 inputs, against seconds"
+        " for K = 3,584. Unset: every weight is compensated.",
+    )
     compensation_block_rows: int = option(
         128, "Compensated rounding: rows rounded between two updates of the rest (a multiple of block_size)."
     )
@@ -217,6 +223,9 @@ class QuantizeOptions:
         damping = self.compensation_damping
         if not (math.isfinite(damping) and 0 < damping <= 1):
             raise ValueError(f"compensation_damping must be in (0, 1], got {damping!r}")
+        cap = self.compensation_max_inputs
+        if cap is not None and cap < 1:
+            raise ValueError(f"compensation_max_inputs must be a positive number of input channels, got {cap}")
         rows = self.compensation_block_rows
         if rows < self.block_size or rows % self.block_size:
             raise ValueError(

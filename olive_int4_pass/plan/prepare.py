@@ -54,7 +54,9 @@ def prepare_quality_plan(
         num_tokens = len(token_ids)
     keep = None
     if opts.rounding == "compensated":
-        quality.activations = _activation_store(candidates, num_tokens)
+        cap = opts.compensation_max_inputs
+        compensated = [c for c in candidates.values() if c.activation and (cap is None or c.k <= cap)]
+        quality.activations = _activation_store(compensated, num_tokens)
         keep = quality.activations.add
     try:
         quality.importance = input_second_moments(model_path, activations, token_ids, keep=keep)
@@ -80,14 +82,14 @@ def prepare_quality_plan(
     return seconds
 
 
-def _activation_store(candidates: dict[WeightKey, Candidate], num_tokens: int) -> ActivationStore:
+def _activation_store(candidates: list[Candidate], num_tokens: int) -> ActivationStore:
     """Where calibration keeps the inputs of the weights to compensate; refuses too few tokens or too little disk."""
     if num_tokens < MIN_COMPENSATION_TOKENS:
         raise ValueError(
             f"rounding='compensated' needs at least {MIN_COMPENSATION_TOKENS} calibration tokens; the calibration"
             f" data gave {num_tokens}"
         )
-    widths = widths_of((c.activation, c.k) for c in candidates.values() if c.activation)
+    widths = widths_of((c.activation, c.k) for c in candidates)
     needed = ActivationStore.check_space(widths, num_tokens)
     store = ActivationStore(widths)
     logger.info("Compensated rounding: keeping %.2f GB of calibration inputs in %s", needed / 1e9, store.folder)

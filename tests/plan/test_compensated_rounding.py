@@ -116,3 +116,22 @@ def test_not_enough_disk_is_a_clear_error(exports, tmp_path, private_tmp, monkey
 def test_bad_options(values, match):
     with pytest.raises(ValueError, match=match):
         QuantizeOptions(calibration="default", **{"rounding": "compensated", **values})
+
+
+def test_max_inputs_rounds_the_widest_weights_to_nearest(exports, tmp_path, private_tmp):
+    model = exports("qwen2")["fp32-cpu"] / "model.onnx"
+    options = QuantizeOptions(
+        rounding="compensated", calibration="default", calibration_tokens=512, compensation_max_inputs=64
+    )
+    quantize_file(model, tmp_path / "out", options, progress=False)
+    weights = report(tmp_path / "out")["weights_worst_first"]
+    k = {name: onnx_k(model, name) for name in weights}
+    assert {w["rounding"] for w in weights.values()} == {"compensated", "nearest"}
+    for name, w in weights.items():
+        assert w["rounding"] == ("compensated" if k[name] <= 64 else "nearest"), name
+
+
+def onnx_k(model, name) -> int:
+    """Input channels of the MatMul weight ``name`` (stored [K, N])."""
+    init = next(i for i in onnx.load(str(model), load_external_data=False).graph.initializer if i.name == name)
+    return int(init.dims[0])
