@@ -46,6 +46,7 @@ from olive_int4_pass.kernels.rtn import (
 _HALF_BELOW = 0.5 - 2.0**-25  # floor(x + _HALF_BELOW) == roundf(x) for 0 <= x < 2**22 (see scale_search)
 _DAMP_RETRIES = 4
 _BAND_ROWS = 1024
+_CHUNK_ELEMENTS = 1 << 26  # float32 weight values per chunk of output channels (256 MB)
 
 # (block [block_size, N] float32, block index) -> (scales [N] in the storage dtype, zero points [N] uint8 or None)
 BlockParams = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray | None]]
@@ -108,14 +109,11 @@ def compensated_quantize(
     n_blocks = -(-k // block_size)
     kp = n_blocks * block_size
     dtype = weight.dtype
-    qmax = (1 << bits) - 1
     if block_params is None:
         block_params = rtn_block_params(symmetric, bits, dtype)
 
-    w = torch.zeros((kp, n), dtype=torch.float32)
-    w[:k] = torch.from_numpy(np.array(weight, np.float32))  # a copy: the weight may be a read-only map
     if scales is None and compensation.act_order:  # static groups: every block's parameters from the original weight
-        params = [block_params(w[b * block_size : (b + 1) * block_size].numpy(), b) for b in range(n_blocks)]
+        params = [block_params(_block(weight, b, block_size), b) for b in range(n_blocks)]
         scales = np.stack([p[0] for p in params], axis=1)
         zero_points = None if symmetric else np.stack([p[1] for p in params], axis=1)
     out_scales = np.empty((n, n_blocks), dtype)
@@ -126,60 +124,103 @@ def compensated_quantize(
             if zero_points is None:
                 raise ValueError(f"weight {name!r}: asymmetric rounding with given scales needs zero_points")
             out_zp[:] = zero_points
-    s32 = torch.from_numpy(out_scales.astype(np.float32).T.copy())  # [n_blocks, N]
-    offset = torch.full((n_blocks, n), float(1 << (bits - 1)))
-    if out_zp is not None:
-        offset = torch.from_numpy(out_zp.astype(np.float32).T.copy())
-    reciprocal = torch.where(s32 != 0, 1.0 / s32, torch.zeros_like(s32))
 
     perm = None
     if compensation.act_order:  # padding rows (H[k, k] = 0) come last
         diag = torch.zeros(kp)
         diag[:k] = torch.as_tensor(np.diagonal(np.asarray(hessian)).astype(np.float32))
         perm = torch.argsort(diag, descending=True, stable=True)
-        w = w[perm]
     u, info = _inverse_factor(torch, hessian, k, kp, compensation.damp, name, perm)
-    order = perm if perm is not None else torch.arange(kp)
-    groups = (order // block_size).tolist()
-
-    levels = torch.empty((kp, n), dtype=torch.uint8)
-    step = compensation.block_rows
+    rows = perm[:k].numpy() if perm is not None else None
+    groups = ((perm if perm is not None else torch.arange(kp)) // block_size).tolist()
+    q = np.empty((n, n_blocks, block_size), np.uint8)
+    # Output channels are independent (each is rounded against the same H): a chunk of them at a time bounds the
+    # float32 copy of the weight (an lm_head's would be 2.2 GB at 7B) without changing a level.
+    width = max(1, min(n, _CHUNK_ELEMENTS // kp))
     with torch.no_grad():
-        for i1 in range(0, kp, step):
-            i2 = min(i1 + step, kp)
-            w1 = w[i1:i2].clone()
-            err1 = torch.empty((i2 - i1, n), dtype=torch.float32)
-            u1 = u[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                g = groups[i1 + i]
-                if scales is None and (i1 + i) % block_size == 0:  # a new block: its parameters from W so far
-                    s, zp = block_params(w1[i : i + block_size].numpy(), g)
-                    out_scales[:, g] = s
-                    s32[g] = torch.from_numpy(np.asarray(s, np.float32))
-                    reciprocal[g] = torch.where(s32[g] != 0, 1.0 / s32[g], torch.zeros_like(s32[g]))
-                    if out_zp is not None:
-                        out_zp[:, g] = zp
-                        offset[g] = torch.from_numpy(zp.astype(np.float32))
-                row = w1[i]
-                x = row * reciprocal[g]
-                x += offset[g]
-                q = torch.floor(x.clamp_(0, qmax).add_(_HALF_BELOW))
-                levels[i1 + i] = q.to(torch.uint8)
-                err = (row - (q - offset[g]) * s32[g]) / u1[i, i]
-                w1[i + 1 :].addr_(u1[i, i + 1 :], err, alpha=-1)
-                err1[i] = err
-            if i2 < kp:
-                w[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1)
-    if perm is not None:
-        unpermuted = torch.empty_like(levels)
-        unpermuted[perm] = levels
-        levels = unpermuted
-    q = levels.numpy().T.reshape(n, n_blocks, block_size).copy()
+        for c0 in range(0, n, width):
+            c1 = min(n, c0 + width)
+            chunk = _Chunk(torch, weight, rows, kp, c0, c1, out_scales, out_zp, bits)
+            fixed = scales is not None
+            levels = chunk.round(u, groups, block_size, compensation.block_rows, None if fixed else block_params)
+            if perm is not None:
+                unpermuted = torch.empty_like(levels)
+                unpermuted[perm] = levels
+                levels = unpermuted
+            q[c0:c1] = levels.numpy().T.reshape(c1 - c0, n_blocks, block_size)
     _clear_padding(q, k, block_size, bits)
     if not np.isfinite(out_scales.astype(np.float32)).all():
         raise ValueError(f"weight {name!r}: a block's scale is not finite after compensation")
     packed_zp = None if out_zp is None else _pack_zero_points(out_zp, bits)
     return QuantizedWeight(_pack(q, bits), out_scales, packed_zp, k, n, block_size, bits), info
+
+
+class _Chunk:
+    """Output channels ``c0:c1`` of the weight as float32 ``[kp, c]`` rows in rounding order, and their rounding."""
+
+    def __init__(self, torch, weight, rows, kp: int, c0: int, c1: int, scales, zero_points, bits: int) -> None:
+        self.torch = torch
+        k = weight.shape[0]
+        self.w = torch.zeros((kp, c1 - c0), dtype=torch.float32)
+        band = max(1, _CHUNK_ELEMENTS // 16 // (c1 - c0))  # rows copied at a time: small temporaries
+        for r0 in range(0, k, band):
+            r1 = min(k, r0 + band)
+            part = weight[r0:r1, c0:c1] if rows is None else weight[rows[r0:r1], c0:c1]
+            self.w[r0:r1] = torch.from_numpy(np.array(part, np.float32))
+        self.scales, self.zero_points, self.c0, self.c1 = scales, zero_points, c0, c1
+        self.s32 = torch.from_numpy(scales[c0:c1].astype(np.float32).T.copy())  # [n_blocks, c]
+        self.offset = torch.full(self.s32.shape, float(1 << (bits - 1)))
+        if zero_points is not None:
+            self.offset = torch.from_numpy(zero_points[c0:c1].astype(np.float32).T.copy())
+        self.reciprocal = torch.where(self.s32 != 0, 1.0 / self.s32, torch.zeros_like(self.s32))
+        self.qmax = (1 << bits) - 1
+
+    def set_block(self, g: int, s: np.ndarray, zp: np.ndarray | None) -> None:
+        """Block ``g``'s parameters, chosen now (from the weights compensated so far)."""
+        torch = self.torch
+        self.scales[self.c0 : self.c1, g] = s
+        self.s32[g] = torch.from_numpy(np.asarray(s, np.float32))
+        self.reciprocal[g] = torch.where(self.s32[g] != 0, 1.0 / self.s32[g], torch.zeros_like(self.s32[g]))
+        if zp is not None:
+            self.zero_points[self.c0 : self.c1, g] = zp
+            self.offset[g] = torch.from_numpy(zp.astype(np.float32))
+
+    def round(self, u, groups: list[int], block_size: int, step: int, block_params: BlockParams | None):
+        """GPTQ over the rows: levels ``[kp, c]`` uint8 (in rounding order). ``block_params``: choose each block's
+        parameters when its first row is reached; None: they are fixed."""
+        torch, w = self.torch, self.w
+        kp, c = w.shape
+        levels = torch.empty((kp, c), dtype=torch.uint8)
+        for i1 in range(0, kp, step):
+            i2 = min(i1 + step, kp)
+            w1 = w[i1:i2].clone()
+            err1 = torch.empty((i2 - i1, c), dtype=torch.float32)
+            u1 = u[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                g = groups[i1 + i]
+                if block_params is not None and (i1 + i) % block_size == 0:  # a new block: parameters from W so far
+                    self.set_block(g, *block_params(w1[i : i + block_size].numpy(), g))
+                row = w1[i]
+                x = row * self.reciprocal[g]
+                x += self.offset[g]
+                q = torch.floor(x.clamp_(0, self.qmax).add_(_HALF_BELOW))
+                levels[i1 + i] = q.to(torch.uint8)
+                err = (row - (q - self.offset[g]) * self.s32[g]) / u1[i, i]
+                w1[i + 1 :].addr_(u1[i, i + 1 :], err, alpha=-1)
+                err1[i] = err
+            if i2 < kp:
+                w[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1)
+        return levels
+
+
+def _block(weight: np.ndarray, b: int, block_size: int) -> np.ndarray:
+    """Rows ``b * block_size ...`` of the weight as float32 ``[block_size, N]``, zero padded past K."""
+    part = np.asarray(weight[b * block_size : (b + 1) * block_size], np.float32)
+    if part.shape[0] == block_size:
+        return part
+    block = np.zeros((block_size, weight.shape[1]), np.float32)
+    block[: part.shape[0]] = part
+    return block
 
 
 def _check(weight: np.ndarray, hessian: np.ndarray, compensation: Compensation, block_size: int, name: str) -> None:

@@ -172,3 +172,21 @@ def test_bad_input(h, compensation, match):
     w = np.ones((64, 8), np.float32)
     with pytest.raises(ValueError, match=match):
         compensated_quantize(w, h, compensation=compensation)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_chunks_of_output_channels_change_no_byte(monkeypatch, act_order, symmetric):
+    # Output channels are rounded independently: a weight cut into chunks (memory) gives the very same bytes.
+    from olive_int4_pass.kernels import gptq
+
+    h = second_moments(correlated_inputs(90, seed=8))
+    w = np.random.default_rng(8).normal(size=(90, 70)).astype(np.float16)  # a partial last block too
+    compensation = Compensation(act_order=act_order, block_rows=32)
+    whole, _ = compensated_quantize(w, h, symmetric=symmetric, compensation=compensation)
+    monkeypatch.setattr(gptq, "_CHUNK_ELEMENTS", 96 * 16)  # 16 output channels per chunk
+    chunked, _ = compensated_quantize(w, h, symmetric=symmetric, compensation=compensation)
+    np.testing.assert_array_equal(chunked.packed, whole.packed)
+    np.testing.assert_array_equal(chunked.scales, whole.scales)
+    if not symmetric:
+        np.testing.assert_array_equal(chunked.zero_points, whole.zero_points)
