@@ -162,9 +162,10 @@ class QuantizeOptions:
         choices=ROUNDING_CHOICES,
     )
     compensation_damping: float = option(
-        0.01,
+        0.1,
         "Compensated rounding: added to E[x x^T]'s diagonal as a fraction of its mean (GPTQ's percdamp), raised"
-        " tenfold while the matrix is singular.",
+        " tenfold while the matrix is singular. 0.1 measured better than GPTQ's usual 0.01 on a real model with"
+        " 2,048 calibration tokens (docs/quality.md).",
     )
     act_order: bool = option(
         True,

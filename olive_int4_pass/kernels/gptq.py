@@ -56,8 +56,8 @@ BlockParams = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray | None]]
 class Compensation:
     """GPTQ's knobs: relative damping, activation order, and rows rounded between two lazy updates."""
 
-    damp: float = 0.01
-    act_order: bool = False
+    damp: float = 0.1
+    act_order: bool = True
     block_rows: int = 128
 
 

@@ -102,8 +102,9 @@ def test_matches_the_papers_algorithm(symmetric):
     x = correlated_inputs(96, seed=3)
     h = second_moments(x)
     w = np.random.default_rng(3).normal(size=(96, 64)).astype(np.float32)
-    q, _ = compensated_quantize(w, h, symmetric=symmetric, compensation=Compensation(block_rows=32))
-    ref, ref_deq = reference_gptq(w, h, bits=4, symmetric=symmetric)
+    compensation = Compensation(damp=0.01, act_order=False, block_rows=32)
+    q, _ = compensated_quantize(w, h, symmetric=symmetric, compensation=compensation)
+    ref, ref_deq = reference_gptq(w, h, bits=4, symmetric=symmetric, damp=0.01)
     # float32 against float64: a level next to a tie may round the other way and steer the rows after it a little
     assert (levels_of(q) == ref).mean() > 0.97
     e = ref_deq - w
@@ -117,12 +118,15 @@ def test_less_output_error_than_round_to_nearest(bits, symmetric):
     h = second_moments(x)
     w = np.random.default_rng(4).normal(size=(256, 96)).astype(np.float16)
     rtn = output_error(quantize_blockwise(w, bits=bits, symmetric=symmetric), w, h)
-    plain, _ = compensated_quantize(w, h, bits=bits, symmetric=symmetric)
+    in_order = Compensation(act_order=False)
+    plain, _ = compensated_quantize(w, h, bits=bits, symmetric=symmetric, compensation=in_order)
     ordered, _ = compensated_quantize(w, h, bits=bits, symmetric=symmetric, compensation=Compensation(act_order=True))
     assert output_error(plain, w, h) < 0.7 * rtn
     assert output_error(ordered, w, h) < 0.7 * rtn
     # the lazy batches are an implementation detail: any block of rows gives the same levels up to float rounding
-    other, _ = compensated_quantize(w, h, bits=bits, symmetric=symmetric, compensation=Compensation(block_rows=32))
+    other, _ = compensated_quantize(
+        w, h, bits=bits, symmetric=symmetric, compensation=Compensation(act_order=False, block_rows=32)
+    )
     assert (levels_of(other) == levels_of(plain)).mean() > 0.99
 
 
@@ -149,12 +153,12 @@ def test_dead_channels_and_rank_deficient_h():
 
 
 def test_singular_h_raises_the_damping():
-    # A negative direction no damping of 1 % fixes: the damping grows tenfold until H is positive definite.
+    # A negative direction no damping of 10 % fixes: the damping grows tenfold until H is positive definite.
     h = np.eye(64, dtype=np.float32)
-    h[0, 1] = h[1, 0] = 1.05
+    h[0, 1] = h[1, 0] = 1.5
     w = np.random.default_rng(7).normal(size=(64, 16)).astype(np.float32)
     q, info = compensated_quantize(w, h)
-    assert info.retries >= 1 and info.damp > 0.01
+    assert info.retries >= 1 and info.damp > 0.1
     assert np.isfinite(dequantize_blockwise(q)).all()
 
 
