@@ -230,13 +230,18 @@ def _check(weight: np.ndarray, hessian: np.ndarray, compensation: Compensation, 
     k = weight.shape[0]
     if tuple(hessian.shape) != (k, k):
         raise ValueError(f"weight {name!r}: H has shape {tuple(hessian.shape)}, expected ({k}, {k})")
-    if not np.isfinite(np.asarray(hessian)).all():
+    if not _all_finite(np.asarray(hessian)):
         raise ValueError(f"weight {name!r}: the input's second moments H hold NaN or Inf (calibration overflowed)")
     if not (np.isfinite(compensation.damp) and 0 < compensation.damp <= 1):
         raise ValueError(f"compensation damping must be in (0, 1], got {compensation.damp!r}")
     rows = compensation.block_rows
     if rows < block_size or rows % block_size:
         raise ValueError(f"compensation block_rows must be a multiple of block_size {block_size}, got {rows}")
+
+
+def _all_finite(matrix: np.ndarray) -> bool:
+    """No NaN or Inf, checked a band of rows at a time (a whole-matrix mask would be K^2 bytes more)."""
+    return all(np.isfinite(matrix[r : r + _BAND_ROWS]).all() for r in range(0, matrix.shape[0], _BAND_ROWS))
 
 
 def _padded(torch, hessian: np.ndarray, k: int, kp: int, perm=None):
@@ -280,6 +285,6 @@ def _inverse_factor(torch, hessian, k: int, kp: int, damp: float, name: str, per
         )
     torch.cholesky_inverse(torch.tril(h, out=h), out=h)
     torch.linalg.cholesky_ex(h, upper=True, out=(h, status))
-    if int(status) != 0 or not bool(torch.isfinite(h).all()):
+    if int(status) != 0 or not _all_finite(h.numpy()):
         raise ValueError(f"weight {name!r}: H is too ill-conditioned to invert; raise the damping")
     return h, CompensationInfo(level, int(dead.sum()) - (kp - k), retry)  # padding rows are not channels
