@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from olive_int4_pass.kernels.gptq import Compensation, compensated_quantize
+from olive_int4_pass.kernels.gptq import compensated_quantize
 from olive_int4_pass.kernels.rtn import dequantize_blockwise, quantize_blockwise
 from olive_int4_pass.plan.activation_store import ActivationStore
 
@@ -42,9 +42,9 @@ def inputs(k: int, tokens: int, rng: np.random.Generator) -> np.ndarray:
     return x * np.exp(rng.normal(size=k)).astype(np.float32)
 
 
-def output_error(q, w: np.ndarray, h: np.ndarray, cols: np.ndarray) -> float:
+def output_error(q, w: np.ndarray, store: ActivationStore, name: str, cols: np.ndarray) -> float:
     e = dequantize_blockwise(q)[:, cols] - w[:, cols].astype(np.float32)
-    return float(np.einsum("kc,kc->", e, h @ e))
+    return store.output_error(name, e, w[:, cols])[0]
 
 
 def main() -> None:
@@ -56,10 +56,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--skip-lm-head", action="store_true")
+    parser.add_argument("--only", nargs="+", help="weights to run (q k v o gate up down lm_head)")
     args = parser.parse_args()
     d, f = args.hidden, args.intermediate
     shapes = [("q", d, d), ("k", d, args.kv), ("v", d, args.kv), ("o", d, d), ("gate", d, f), ("up", d, f)]
     shapes += [("down", f, d)] + ([] if args.skip_lm_head else [("lm_head", d, args.vocab)])
+    shapes = [shape for shape in shapes if not args.only or shape[0] in args.only]
     rng = np.random.default_rng(0)
     store = ActivationStore({"hidden": d, "intermediate": f})
     for name, k in store.widths.items():
@@ -70,19 +72,28 @@ def main() -> None:
     layer = 0.0
     for name, k, n in shapes:
         w = (rng.normal(size=(k, n)) * 0.02).astype(np.float16)
+        source = "hidden" if k == d else "intermediate"
+        order = store.act_order(source)
+        formed = []
+
+        def fresh(source=source, order=order, formed=formed):  # as the weight plan does: H in act-order, owned
+            start = time.perf_counter()
+            h = store.fresh_second_moments(source, order)
+            formed.append(time.perf_counter() - start)
+            return h
+
         start = time.perf_counter()
-        h = store.second_moments("hidden" if k == d else "intermediate")
-        form = time.perf_counter() - start
-        start = time.perf_counter()
-        q, _ = compensated_quantize(w, h, compensation=Compensation(act_order=True), name=name)
-        comp = time.perf_counter() - start
+        q, _ = compensated_quantize(w, fresh, order=order, name=name)
+        form = sum(formed)
+        comp = time.perf_counter() - start - form
         start = time.perf_counter()
         rtn = quantize_blockwise(w)
         nearest = time.perf_counter() - start
         cols = np.unique(np.linspace(0, n - 1, min(n, 256)).astype(int))
-        ratio = output_error(q, w, h, cols) / output_error(rtn, w, h, cols)
+        ratio = output_error(q, w, store, source, cols) / output_error(rtn, w, store, source, cols)
         if name != "lm_head":
             layer += form + comp
+        del formed
         print(f"| {name} | {k} x {n} | {form:.1f} | {comp:.1f} | {nearest:.2f} | {ratio:.3f} |", flush=True)
         del q, rtn, w
     store.close()

@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 _CACHED = 2
 _CACHED_MAX_BYTES = 1 << 28  # an H larger than this (K > 8192: a down projection's) feeds one weight: not kept
-_ROWS_PER_PRODUCT = 4096
 
 
 class ActivationStore:
@@ -43,6 +42,7 @@ class ActivationStore:
         self._files = {name: self.folder / f"{i}.f32" for i, name in enumerate(sorted(self.widths))}
         self._rows = dict.fromkeys(self.widths, 0)
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._orders: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
 
     def __contains__(self, name: object) -> bool:
@@ -93,20 +93,50 @@ class ActivationStore:
                 self._cache.popitem(last=False)
             return h
 
-    def _compute(self, name: str) -> np.ndarray:
+    def act_order(self, name: str) -> np.ndarray:
+        """The input channels by decreasing ``E[x_k^2]`` (ties in channel order): GPTQ's act-order."""
+        with self._lock:
+            if name not in self._orders:
+                squares = np.zeros(self.widths[name], np.float64)
+                for rows in self._bands(name):
+                    squares += np.einsum("ij,ij->j", rows, rows, dtype=np.float64)
+                self._orders[name] = np.argsort(-squares, kind="stable")
+            return self._orders[name]
+
+    def fresh_second_moments(self, name: str, order: np.ndarray | None = None) -> np.ndarray:
+        """``E[x x^T]`` with its rows and columns in ``order``, in a new array the caller owns (and may overwrite)."""
+        return self._compute(name, order)
+
+    def output_error(self, name: str, error: np.ndarray, weight: np.ndarray) -> tuple[float, float]:
+        """``sum |x e|^2`` and ``sum |x w|^2`` over the kept rows, per token: the MatMul's output error and energy
+        for the columns ``error`` / ``weight`` (``[K, c]``), without forming ``H``."""
+        err = energy = 0.0
+        e, w = np.asarray(error, np.float32), np.asarray(weight, np.float32)
+        for rows in self._bands(name):
+            err += float(np.square(rows @ e, dtype=np.float64).sum())
+            energy += float(np.square(rows @ w, dtype=np.float64).sum())
+        count = max(self._rows[name], 1)
+        return err / count, energy / count
+
+    def _bands(self, name: str):
         count, k = self._rows[name], self.widths[name]
         if count == 0:
             raise ValueError(f"calibration saw no values for {name!r}")
         x = np.memmap(self._files[name], dtype=np.float32, mode="r", shape=(count, k))
+        step = max(256, (1 << 24) // k)  # about 64 MB of rows at a time
+        for start in range(0, count, step):
+            yield np.array(x[start : start + step])
+
+    def _compute(self, name: str, order: np.ndarray | None = None) -> np.ndarray:
         torch = streaming_rtn._torch()
         if torch is None:
             raise ImportError("compensated rounding needs torch (installed with olive-ai)")
+        k = self.widths[name]
         total = torch.zeros((k, k), dtype=torch.float32)  # the one K x K buffer: 1.4 GB at K = 18,944
-        for start in range(0, count, _ROWS_PER_PRODUCT):
-            rows = torch.from_numpy(np.array(x[start : start + _ROWS_PER_PRODUCT]))
-            total.addmm_(rows.T, rows)
-        del x
-        return total.div_(count).numpy()
+        for rows in self._bands(name):
+            band = torch.from_numpy(rows if order is None else rows[:, order])
+            total.addmm_(band.T, band)
+        return total.div_(self._rows[name]).numpy()
 
     def close(self) -> None:
         self._cache.clear()

@@ -8,9 +8,11 @@ activation statistics from :mod:`olive_int4_pass.plan.calibration`, sensitivitie
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -50,14 +52,14 @@ class QualityPlan:
         cols = _sample_columns(candidate.n)
         search = None
         dtype = candidate.source.dtype.numpy()
-        hessian = None
+        output_error = None
         if self.compensates(candidate):
             weight = candidate.weight()
             if opts.scale_search:
                 search = self.searched.get((key, bits)) or self._search(weight, importance, bits)
-            hessian = self.activations.second_moments(candidate.activation)
-            q = self._compensate(weight, hessian, candidate.name, bits, search)
+            q = self._compensate(weight, candidate.activation, candidate.name, bits, search)
             sample = np.asarray(weight[:, cols], np.float32)
+            output_error = functools.partial(self.activations.output_error, candidate.activation)
         elif not opts.scale_search and streaming_rtn.applies(
             dtype, candidate.k, candidate.n, opts.block_size, bits, opts.is_symmetric
         ):
@@ -76,9 +78,9 @@ class QualityPlan:
                 search = self.searched.get((key, bits)) or self._search(weight, importance, bits)
             q = self._quantize_with(weight, candidate.name, bits, search)
             sample = np.asarray(weight[:, cols], np.float32)
-        stats = _error_stats(cols, sample, q, importance, hessian)
+        stats = _error_stats(cols, sample, q, importance, output_error)
         stats.update(bits=bits, nodes=list(candidate.nodes), scale_search=search is not None)
-        stats["rounding"] = "compensated" if hessian is not None else "nearest"
+        stats["rounding"] = "compensated" if output_error is not None else "nearest"
         with self._lock:
             self.errors[candidate.name] = stats
         return q
@@ -105,13 +107,19 @@ class QualityPlan:
         return self.activations is not None and candidate.activation in self.activations
 
     def _compensate(
-        self, weight: np.ndarray, hessian: np.ndarray, name: str, bits: int, search: SearchResult | None
+        self, weight: np.ndarray, activation: str, name: str, bits: int, search: SearchResult | None
     ) -> QuantizedWeight:
-        """Error-compensated rounding; the searched scales (if any) are fixed first, then compensated around."""
+        """Error-compensated rounding; the searched scales (if any) are fixed first, then compensated around.
+
+        ``H`` is formed fresh from the kept inputs, already in act-order, and factorised in place by the kernel.
+        """
         opts = self.options
+        store = self.activations
+        order = store.act_order(activation) if opts.act_order else None
         q, info = compensated_quantize(
             weight,
-            hessian,
+            lambda: store.fresh_second_moments(activation, order),
+            order=order,
             block_size=opts.block_size,
             bits=bits,
             symmetric=opts.is_symmetric,
@@ -312,10 +320,11 @@ def _error_stats(
     w: np.ndarray,
     q: QuantizedWeight,
     importance: np.ndarray | None,
-    hessian: np.ndarray | None = None,
+    output_error: Callable[[np.ndarray, np.ndarray], tuple[float, float]] | None = None,
 ) -> dict:
-    """Relative error of the dequantized weight (and importance-weighted) on output channels ``cols``; with the
-    input's second moments ``hessian``, also the relative error of the MatMul's output on the calibration inputs.
+    """Relative error of the dequantized weight (and importance-weighted) on output channels ``cols``; with
+    ``output_error(e, w)`` (the MatMul output's squared error and energy on the calibration inputs), also the
+    relative error of the MatMul's output.
 
     ``w`` is the float weight's float32 ``W[:, cols]``.
     """
@@ -334,7 +343,7 @@ def _error_stats(
     if importance is not None:
         imp = np.asarray(importance, np.float32)[:, None]
         stats["weighted_relative_error"] = float(np.sqrt((imp * diff2).sum() / max(float((imp * w**2).sum()), 1e-30)))
-    if hessian is not None:
-        error, energy = (float(np.einsum("kc,kc->", m, hessian @ m)) for m in (e, w))
+    if output_error is not None:
+        error, energy = output_error(e, w)
         stats["output_relative_error"] = float(np.sqrt(max(error, 0.0) / max(energy, 1e-30)))
     return stats

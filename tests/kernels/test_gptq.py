@@ -194,3 +194,26 @@ def test_chunks_of_output_channels_change_no_byte(monkeypatch, act_order, symmet
     np.testing.assert_array_equal(chunked.scales, whole.scales)
     if not symmetric:
         np.testing.assert_array_equal(chunked.zero_points, whole.zero_points)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_given_ordered_h_is_factorised_in_place_with_the_same_bytes(symmetric):
+    # H handed over already in act-order (as the plan forms it from the kept inputs): the same bytes as letting the
+    # kernel permute it, and the caller's buffer is the one factorised (no second K x K copy).
+    h = second_moments(correlated_inputs(128, seed=9))
+    w = np.random.default_rng(9).normal(size=(128, 40)).astype(np.float16)
+    reference, _ = compensated_quantize(w, h, symmetric=symmetric, compensation=Compensation(act_order=True))
+    order = np.argsort(-np.diag(h), kind="stable")
+    given = []
+
+    def fresh():
+        given.append(np.ascontiguousarray(h[order][:, order]))
+        return given[-1]
+
+    q, info = compensated_quantize(w, fresh, symmetric=symmetric, order=order)
+    np.testing.assert_array_equal(q.packed, reference.packed)
+    np.testing.assert_array_equal(q.scales, reference.scales)
+    assert len(given) == 1 and info.retries == 0
+    assert not np.array_equal(given[0], h[order][:, order])  # overwritten by the factorisation
+    with pytest.raises(ValueError, match="not a permutation"):
+        compensated_quantize(w, fresh, order=order[:-1])
