@@ -78,7 +78,7 @@ def main() -> None:
 
         def fresh(source=source, order=order, formed=formed):  # as the weight plan does: H in act-order, owned
             start = time.perf_counter()
-            h = store.fresh_second_moments(source, order)
+            h = store.second_moments(source, order)
             formed.append(time.perf_counter() - start)
             return h
 

@@ -5,8 +5,10 @@ that weight is being rounded, which happens when the model is written, long afte
 every input would take ``sum K^2`` floats (44 GB at 7B); the inputs themselves take ``tokens x sum K`` (a fifth of
 that at 2,048 tokens, and only disk). So calibration appends each window's inputs here as float32 rows, one file
 per MatMul input in a temporary folder, and :meth:`ActivationStore.second_moments` forms ``H`` from the
-memory-mapped rows when a weight asks for it (the last two of up to 256 MB are kept: q/k/v, gate/up share one
-input). The folder is removed by :meth:`close`, or when the store is garbage collected.
+memory-mapped rows when a weight asks for it, already in the weight's rounding order, into the one ``K x K`` buffer
+the kernel then factorises in place; q/k/v (gate/up) form it once each, which costs seconds, not memory. The output
+error of the report is computed from the rows too. The folder is removed by :meth:`close`, or when the store is
+garbage collected.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import shutil
 import tempfile
 import threading
 import weakref
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -27,9 +28,6 @@ from olive_int4_pass.genai.files import describe_os_error
 from olive_int4_pass.kernels import streaming_rtn
 
 logger = logging.getLogger(__name__)
-
-_CACHED = 2
-_CACHED_MAX_BYTES = 1 << 28  # an H larger than this (K > 8192: a down projection's) feeds one weight: not kept
 
 
 class ActivationStore:
@@ -41,7 +39,6 @@ class ActivationStore:
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.folder), True)
         self._files = {name: self.folder / f"{i}.f32" for i, name in enumerate(sorted(self.widths))}
         self._rows = dict.fromkeys(self.widths, 0)
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._orders: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -79,20 +76,6 @@ class ActivationStore:
     def tokens(self, name: str) -> int:
         return self._rows[name]
 
-    def second_moments(self, name: str) -> np.ndarray:
-        """``E[x x^T]`` of ``name``'s rows, float32 ``[K, K]``, summed in place over bands of rows."""
-        with self._lock:
-            if name in self._cache:
-                self._cache.move_to_end(name)
-                return self._cache[name]
-            h = self._compute(name)
-            if h.nbytes > _CACHED_MAX_BYTES:
-                return h
-            self._cache[name] = h
-            while len(self._cache) > _CACHED:
-                self._cache.popitem(last=False)
-            return h
-
     def act_order(self, name: str) -> np.ndarray:
         """The input channels by decreasing ``E[x_k^2]`` (ties in channel order): GPTQ's act-order."""
         with self._lock:
@@ -103,8 +86,9 @@ class ActivationStore:
                 self._orders[name] = np.argsort(-squares, kind="stable")
             return self._orders[name]
 
-    def fresh_second_moments(self, name: str, order: np.ndarray | None = None) -> np.ndarray:
-        """``E[x x^T]`` with its rows and columns in ``order``, in a new array the caller owns (and may overwrite)."""
+    def second_moments(self, name: str, order: np.ndarray | None = None) -> np.ndarray:
+        """``E[x x^T]`` (float32 ``[K, K]``) with its rows and columns in ``order``, formed from the kept rows in a
+        new array that the caller owns and may overwrite (the kernel factorises it in place)."""
         return self._compute(name, order)
 
     def output_error(self, name: str, error: np.ndarray, weight: np.ndarray) -> tuple[float, float]:
@@ -139,7 +123,6 @@ class ActivationStore:
         return total.div_(self._rows[name]).numpy()
 
     def close(self) -> None:
-        self._cache.clear()
         self._finalizer()
 
 

@@ -118,7 +118,7 @@ class QualityPlan:
         order = store.act_order(activation) if opts.act_order else None
         q, info = compensated_quantize(
             weight,
-            lambda: store.fresh_second_moments(activation, order),
+            lambda: store.second_moments(activation, order),
             order=order,
             block_size=opts.block_size,
             bits=bits,
