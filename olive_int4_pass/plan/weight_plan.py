@@ -44,6 +44,9 @@ class QualityPlan:
         self.seconds: dict[str, float] = {}  # where planning time went: calibration, sensitivity, search
         self.activations: ActivationStore | None = None  # calibration inputs, for compensated rounding
         self._lock = threading.Lock()
+        # One compensated rounding at a time: it already keeps the cores busy, and two 7B down projections at once
+        # would hold two 1.4 GB H.
+        self._compensating = threading.Lock()
 
     def quantize(self, key: WeightKey, candidate: Candidate, bits: int) -> QuantizedWeight:
         """Quantize one weight as planned and record its error."""
@@ -57,7 +60,8 @@ class QualityPlan:
             weight = candidate.weight()
             if opts.scale_search:
                 search = self.searched.get((key, bits)) or self._search(weight, importance, bits)
-            q = self._compensate(weight, candidate.activation, candidate.name, bits, search)
+            with self._compensating:
+                q = self._compensate(weight, candidate.activation, candidate.name, bits, search)
             sample = np.asarray(weight[:, cols], np.float32)
             output_error = functools.partial(self.activations.output_error, candidate.activation)
         elif not opts.scale_search and streaming_rtn.applies(
