@@ -57,6 +57,15 @@ def reference_gptq(
     return levels, deq
 
 
+def assert_same_bytes(a, b) -> None:
+    """Packed levels, scales and (asymmetric) zero points all equal."""
+    np.testing.assert_array_equal(a.packed, b.packed)
+    np.testing.assert_array_equal(a.scales, b.scales)
+    assert (a.zero_points is None) == (b.zero_points is None)
+    if a.zero_points is not None:
+        np.testing.assert_array_equal(a.zero_points, b.zero_points)
+
+
 def levels_of(q) -> np.ndarray:
     return _unpack(q.packed, q.bits).reshape(q.n, -1)[:, : q.k].T
 
@@ -76,10 +85,7 @@ def test_diagonal_h_gives_round_to_nearest_bytes(dtype, symmetric, bits, act_ord
     ref = quantize_blockwise(w, bits=bits, symmetric=symmetric)
     assert info.retries == 0 and info.dead_channels == 0
     assert q.scales.dtype == ref.scales.dtype
-    np.testing.assert_array_equal(q.packed, ref.packed)
-    np.testing.assert_array_equal(q.scales, ref.scales)
-    if not symmetric:
-        np.testing.assert_array_equal(q.zero_points, ref.zero_points)
+    assert_same_bytes(q, ref)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -136,8 +142,7 @@ def test_deterministic():
     w = np.random.default_rng(5).normal(size=(128, 64)).astype(np.float32)
     a, _ = compensated_quantize(w, h, symmetric=False, compensation=Compensation(act_order=True))
     b, _ = compensated_quantize(w, h, symmetric=False, compensation=Compensation(act_order=True))
-    np.testing.assert_array_equal(a.packed, b.packed)
-    np.testing.assert_array_equal(a.zero_points, b.zero_points)
+    assert_same_bytes(a, b)
 
 
 def test_dead_channels_and_rank_deficient_h():
@@ -190,10 +195,7 @@ def test_chunks_of_output_channels_change_no_byte(monkeypatch, act_order, symmet
     whole, _ = compensated_quantize(w, h, symmetric=symmetric, compensation=compensation)
     monkeypatch.setattr(gptq, "_CHUNK_ELEMENTS", 96 * 16)  # 16 output channels per chunk
     chunked, _ = compensated_quantize(w, h, symmetric=symmetric, compensation=compensation)
-    np.testing.assert_array_equal(chunked.packed, whole.packed)
-    np.testing.assert_array_equal(chunked.scales, whole.scales)
-    if not symmetric:
-        np.testing.assert_array_equal(chunked.zero_points, whole.zero_points)
+    assert_same_bytes(chunked, whole)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -211,8 +213,7 @@ def test_a_given_ordered_h_is_factorised_in_place_with_the_same_bytes(symmetric)
         return given[-1]
 
     q, info = compensated_quantize(w, fresh, symmetric=symmetric, order=order)
-    np.testing.assert_array_equal(q.packed, reference.packed)
-    np.testing.assert_array_equal(q.scales, reference.scales)
+    assert_same_bytes(q, reference)
     assert len(given) == 1 and info.retries == 0
     assert not np.array_equal(given[0], h[order][:, order])  # overwritten by the factorisation
     with pytest.raises(ValueError, match="not a permutation"):
