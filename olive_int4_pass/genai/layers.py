@@ -211,6 +211,10 @@ class LayeredDecoder:
         options.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", str(self.model_path.parent)
         )
+        # No arena: it keeps (and rounds up to a power of two) the largest buffer a run needed, e.g. the float32 cast
+        # of a 7B lm_head (2.2 GB) that onnxruntime's CPU provider makes for an fp16 MatMul, for as long as the
+        # session lives; a plain allocation is returned after the run.
+        options.enable_cpu_mem_arena = False
         try:
             return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's Fail / InvalidGraph

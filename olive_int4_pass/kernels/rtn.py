@@ -147,12 +147,25 @@ def quantize_blockwise(
     return QuantizedWeight(packed, out_scales, packed_zp, k, n, block_size, bits)
 
 
-def dequantize_blockwise(q: QuantizedWeight) -> np.ndarray:
-    """Reconstruct ``W[K, N]`` in float32 from a :class:`QuantizedWeight` (as MatMulNBits computes it)."""
-    levels = _unpack(q.packed, q.bits)  # [N, nb, bs]
-    zp = None if q.zero_points is None else unpack_zero_points(q.zero_points, q.bits, q.n_blocks)
-    w = dequantize_blocks(levels, q.scales, zp, q.bits)
-    return w.reshape(q.n, -1)[:, : q.k].T.copy()
+def dequantize_blockwise(q: QuantizedWeight, dtype: np.dtype = np.float32, *, transposed: bool = False) -> np.ndarray:
+    """Reconstruct ``W[K, N]`` (``W^T`` with ``transposed``) from a :class:`QuantizedWeight`, as MatMulNBits computes
+    it in float32, then cast to ``dtype``.
+
+    Output channels are done a chunk at a time straight into the result, so a large weight (a 7B lm_head: 545 M
+    values) costs its result and ~32 MB, not three float32 copies of itself.
+    """
+    out = np.empty((q.n, q.k) if transposed else (q.k, q.n), dtype=dtype)
+    rows = max(1, _CHUNK_ELEMENTS // max(1, q.n_blocks * q.block_size))
+    for n0 in range(0, q.n, rows):
+        n1 = min(q.n, n0 + rows)
+        levels = _unpack(q.packed[n0:n1], q.bits)  # [n, nb, bs]
+        zp = None if q.zero_points is None else unpack_zero_points(q.zero_points[n0:n1], q.bits, q.n_blocks)
+        w = dequantize_blocks(levels, q.scales[n0:n1], zp, q.bits).reshape(n1 - n0, -1)[:, : q.k]
+        if transposed:
+            out[n0:n1] = w
+        else:
+            out[:, n0:n1] = w.T
+    return out
 
 
 def unpack_zero_points(zero_points: np.ndarray, bits: int, n_blocks: int) -> np.ndarray:

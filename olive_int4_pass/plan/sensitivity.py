@@ -85,7 +85,11 @@ class LayeredImpactProbe:
         from olive_int4_pass.genai.layers import LayeredDecoder
 
         self._log_softmax = log_softmax
-        self.decoder = LayeredDecoder(model_path, ["logits"], weight_inputs=weights)
+        # A head MatMul (logits = x @ W, W probed) is computed here in vocabulary chunks from x: onnxruntime's CPU
+        # provider would cast a 7B fp16 lm_head to a 2.2 GB float32 copy on every run.
+        self.head = find_head(model_path, weights)
+        watched = [self.head[0]] if self.head else ["logits"]
+        self.decoder = LayeredDecoder(model_path, watched, weight_inputs=weights)
         # Loaders, not arrays: a layer's float weights are mapped while its session runs, then unmapped (a map kept
         # open keeps every page it read resident: the whole model, by the last layer).
         self.weights = dict(weights)
@@ -101,6 +105,8 @@ class LayeredImpactProbe:
         """``{group: KL}`` with each group's weights replaced by ``replacement(key) -> (name, array)``."""
         segments = self.decoder.segments
         reads = [self.decoder.weights_read(s) for s in segments]
+        if self.head:  # the head's weight is read where its input is computed
+            reads[next(i for i, s in enumerate(segments) if self.head[0] in s.outputs)].add(self.head[1])
         start = {}
         for group, keys in groups.items():
             wanted = {names[k] for k in keys}
@@ -109,7 +115,7 @@ class LayeredImpactProbe:
         floats = self.decoder.first_feeds(self.token_ids)
         states: dict[str, dict[str, np.ndarray]] = {}
         replaced: dict[str, dict[str, np.ndarray]] = {}
-        reference = None
+        reference = probs = None
         for index, segment in enumerate(segments):
             session = self.decoder.session(segment, floats)
             floats_here = {w: np.ascontiguousarray(self.weights[w]()) for w in reads[index]}
@@ -117,11 +123,11 @@ class LayeredImpactProbe:
                 states[group] = dict(floats)
                 replaced[group] = dict(replacement(k) for k in groups[group])
             computed = self._advance(session, segment, floats_here, floats, {})
-            reference = computed if computed is not None else reference
+            if computed is not None:
+                reference, probs = computed, np.exp(computed)
             for group in list(states):
                 logprobs = self._advance(session, segment, floats_here, states[group], replaced[group])
                 if logprobs is not None:
-                    probs = np.exp(reference)
                     result[group] = max(float(np.einsum("ij,ij->", probs, reference - logprobs) / len(logprobs)), 0.0)
                     del states[group], replaced[group]
                     if progress:
@@ -141,13 +147,44 @@ class LayeredImpactProbe:
     ):
         """Run ``segment`` on ``state`` (updated in place); the log-probabilities when it computes the logits."""
         feeds = {x: state[x] for x in segment.inputs}
-        feeds.update({w: replaced.get(w, array) for w, array in weights.items()})
+        head = self.head[1] if self.head else None
+        fed = self.decoder.weights_read(segment)  # the head's weight only where a node reads it (a tied embedding)
+        feeds.update({w: replaced.get(w, array) for w, array in weights.items() if w in fed})
         outputs = dict(zip(segment.outputs, session.run(segment.outputs, feeds), strict=True))
-        logits = outputs.pop("logits", None)
+        if self.head is None:
+            logits = outputs.pop("logits", None)
+        elif self.head[0] in outputs and head in weights:  # the segment that computes the head's input
+            logits = head_logits(outputs[self.head[0]], replaced.get(head, weights[head]))
+        else:
+            logits = None
         state.update(outputs)
         if logits is None:
             return None
         return self._log_softmax(np.asarray(logits, np.float32).reshape(-1, logits.shape[-1]))
+
+
+def find_head(model_path: Path, weights: Iterable[str]) -> tuple[str, str] | None:
+    """``(x, W)`` when the graph's ``logits`` come straight from ``MatMul(x, W)`` with ``W`` among ``weights``."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    node = next((n for n in graph.node if "logits" in n.output), None)
+    if node is None or node.op_type != "MatMul" or node.input[1] not in set(weights):
+        return None
+    return node.input[0], node.input[1]
+
+
+def head_logits(x: np.ndarray, weight: np.ndarray, chunk_bytes: int = 1 << 26) -> np.ndarray:
+    """``x @ weight`` as onnxruntime's CPU provider computes a MatMul (float32; an fp16 result rounded to fp16),
+    with the weight converted a chunk of vocabulary columns at a time (~64 MB) instead of whole."""
+    rows = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
+    out = np.empty((rows.shape[0], weight.shape[1]), np.float32)
+    step = max(1, chunk_bytes // (4 * weight.shape[0]))
+    for v0 in range(0, weight.shape[1], step):
+        out[:, v0 : v0 + step] = rows @ np.asarray(weight[:, v0 : v0 + step], np.float32)
+    if weight.dtype != np.float32:
+        out = out.astype(weight.dtype).astype(np.float32)
+    return out.reshape(*x.shape[:-1], weight.shape[1])
 
 
 def measure_groups(

@@ -196,7 +196,7 @@ class QualityPlan:
         plain = {key: size(c, default_bits, True) for key, c in candidates.items()}
         sizes = {key: size(c, default_bits) for key, c in candidates.items()}
         extra = {key: size(c, 8) - sizes[key] for key, c in candidates.items()}
-        imposed = {key for key, c in candidates.items() if c.min_bits >= 8 and self.bits.get(key, 8) >= 8}
+        imposed = {key for key, c in candidates.items() if self._imposed(c, key)}
         prepaid = sum(extra[key] for key in imposed) + sum(sizes.values()) - sum(plain.values())
         upgraded = choose_upgrades(
             {k: v for k, v in sensitivity.items() if k not in imposed},
@@ -212,6 +212,10 @@ class QualityPlan:
             names = ", ".join(sorted(candidates[k].name for k in upgraded))
             added = sum(extra[k] for k in upgraded)
             logger.info("Mixed precision: %d weights at 8 bits (+%.1f MB): %s", len(upgraded), added / 1e6, names)
+
+    def _imposed(self, candidate: Candidate, key: WeightKey) -> bool:
+        """Put at 8 bits by the options (lm_head: int8) and kept there by the budget."""
+        return candidate.min_bits >= 8 and self.bits.get(key, 8) >= 8
 
     def _fit_budget(self, candidates: dict[WeightKey, Candidate], default_bits: int, fixed_bytes: int) -> None:
         """Make the budget a hard cap: zero points that alone exceed it are dropped (the model goes symmetric), then
@@ -265,10 +269,14 @@ class QualityPlan:
         def replacement(key: WeightKey) -> tuple[str, np.ndarray]:
             cand = candidates[key]
             q = self._quantize_with(cand.weight(), cand.name, bits, self.searched.get((key, bits)))
-            w = dequantize_blockwise(q).astype(cand.source.dtype.numpy())
-            return cand.name, np.ascontiguousarray(w.T if cand.transposed else w)
+            return cand.name, dequantize_blockwise(q, cand.source.dtype.numpy(), transposed=cand.transposed)
 
         groups = group_by_layer({k: c.nodes for k, c in candidates.items()}, {k: c.name for k, c in candidates.items()})
+        # Weights the options already put at 8 bits are not ranked: probing them (a 7B lm_head: 1 GB) buys nothing.
+        imposed = {g for g, keys in groups.items() if all(self._imposed(candidates[k], k) for k in keys)}
+        if imposed:
+            logger.info("Measured sensitivity: not probing %s (already at 8 bits)", ", ".join(sorted(imposed)))
+        groups_all, groups = groups, {g: keys for g, keys in groups.items() if g not in imposed}
         if hasattr(probe, "measure"):  # the layer-by-layer probe measures every group in one sweep
             kl = probe.measure(groups, {k: c.name for k, c in candidates.items()}, replacement)
         else:
@@ -276,7 +284,7 @@ class QualityPlan:
         worst = sorted(kl.items(), key=lambda kv: -kv[1])[:5]
         logger.info("Measured KL by group (largest): %s", ", ".join(f"{g} {v:.2e}" for g, v in worst))
         self.group_kl = kl
-        sensitivity = {}
+        sensitivity = {k: 0.0 for g in imposed for k in groups_all[g]}
         for group, keys in groups.items():
             total = sum(relative[k] for k in keys)
             for k in keys:

@@ -148,3 +148,24 @@ def test_bad_inputs_are_typed_errors():
         quantize_blockwise(np.ones((64, 2), np.int32))
     with pytest.raises(ValueError, match="2-D"):
         quantize_blockwise(np.ones((2, 64, 2), np.float32))
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, False)])
+def test_dequantize_in_chunks_equals_the_whole_weight_at_once(monkeypatch, bits, symmetric):
+    """Chunked over output channels, cast and transposed on the way: the same values as MatMulNBits' float32 math
+    (levels minus zero point, times scale) done on the whole weight by hand."""
+    from olive_int4_pass.kernels import rtn
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((70, 29)).astype(np.float16)  # K not a multiple of the block: padding is cut
+    q = quantize_blockwise(w, bits=bits, symmetric=symmetric, use_onnxruntime=False)
+    levels = rtn._unpack(q.packed, bits).astype(np.float32)
+    zp = np.float32(1 << (bits - 1)) if symmetric else unpack_zero_points(q.zero_points, bits, q.n_blocks)[..., None]
+    by_hand = ((levels - zp) * q.scales.astype(np.float32)[..., None]).reshape(q.n, -1)[:, : q.k].T
+    monkeypatch.setattr(rtn, "_CHUNK_ELEMENTS", 3 * q.n_blocks * q.block_size)  # 3 output channels per chunk
+    whole = dequantize_blockwise(q)
+    assert whole.dtype == np.float32 and whole.shape == (70, 29)
+    np.testing.assert_array_equal(whole, by_hand)
+    half = dequantize_blockwise(q, np.float16, transposed=True)
+    assert half.dtype == np.float16 and half.shape == (29, 70) and half.flags.c_contiguous
+    np.testing.assert_array_equal(half, by_hand.T.astype(np.float16))

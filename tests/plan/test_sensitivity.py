@@ -107,3 +107,24 @@ def test_sensitivity_options_are_validated():
     assert QuantizeOptions(quality="max").sensitivity == "measured"  # the preset's
     assert QuantizeOptions(quality="max", sensitivity="error").sensitivity == "error"  # an explicit choice stays
     assert QuantizeOptions().sensitivity == "error"
+
+
+def test_weights_already_at_8_bits_are_not_probed(exports, tmp_path):
+    """An lm_head the options put at int8 (and the budget keeps there) is not ranked, so it is not probed either:
+    the 7B lm_head's 1 GB replacement is never built."""
+    built = exports("qwen2", tied=False)["fp32-cpu"]
+    (tmp_path / "cal.txt").write_text(TEXT)
+    options = QuantizeOptions(
+        calibration=str(tmp_path / "cal.txt"),
+        scale_search=True,
+        mixed_precision_budget=1.0,
+        lm_head="int8",
+        sensitivity="measured",
+        sensitivity_tokens=32,
+    )
+    out = quantize_file(built / "model.onnx", tmp_path / "out", options, progress=False)
+    report = json.loads((out.parent / "quantization_report.json").read_text())
+    groups = report["measured_kl_by_group"]
+    assert any(g.startswith("layer ") for g in groups)
+    assert not any("lm_head" in g for g in groups), groups
+    assert any("lm_head" in n and bits == 8 for n, bits in report["quantized_nodes"].items())
