@@ -2,6 +2,7 @@
 
     python benchmarks/compensation_bench.py                         # Qwen2-7B's shapes (one layer + lm_head)
     python benchmarks/compensation_bench.py --hidden 1536 --intermediate 8960 --kv 256 --vocab 151936   # 1.5B
+    python benchmarks/compensation_bench.py --only down --span 4096    # the 7B down projection in 5 runs
 
 For each distinct MatMul of one transformer layer (q, k, v, o, gate, up, down) and the lm_head, a random fp16
 weight ``W[K, N]`` and the second moments ``H`` of 2,048 correlated random input rows are made; the table shows,
@@ -23,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from olive_int4_pass.kernels.gptq import compensated_quantize
+from olive_int4_pass.kernels.gptq import compensated_quantize_spans
 from olive_int4_pass.kernels.rtn import dequantize_blockwise, quantize_blockwise
 from olive_int4_pass.plan.activation_store import ActivationStore
 
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--skip-lm-head", action="store_true")
     parser.add_argument("--only", nargs="+", help="weights to run (q k v o gate up down lm_head)")
+    parser.add_argument("--span", type=int, help="compensation_span: input channels compensated together")
     args = parser.parse_args()
     d, f = args.hidden, args.intermediate
     shapes = [("q", d, d), ("k", d, args.kv), ("v", d, args.kv), ("o", d, d), ("gate", d, f), ("up", d, f)]
@@ -76,14 +78,14 @@ def main() -> None:
         order = store.act_order(source)
         formed = []
 
-        def fresh(source=source, order=order, formed=formed):  # as the weight plan does: H in act-order, owned
+        def fresh(channels, source=source, formed=formed):  # as the weight plan does: H in act-order, owned
             start = time.perf_counter()
-            h = store.second_moments(source, order)
+            h = store.second_moments(source, channels)
             formed.append(time.perf_counter() - start)
             return h
 
         start = time.perf_counter()
-        q, _ = compensated_quantize(w, fresh, order=order, name=name)
+        q, _ = compensated_quantize_spans(w, fresh, order=order, span=args.span, name=name)
         form = sum(formed)
         comp = time.perf_counter() - start - form
         start = time.perf_counter()

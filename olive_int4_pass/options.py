@@ -179,6 +179,12 @@ class QuantizeOptions:
         " E[x x^T] costs K^3: about 1.5 min on 2 cores for a 7B down projection's 18,944 inputs, against seconds"
         " for K = 3,584. Unset: every weight is compensated.",
     )
+    compensation_span: int | None = option(
+        None,
+        "Compensated rounding: at most this many input channels are compensated together. A weight with more is"
+        " split into equal runs of whole blocks, each rounded against its own diagonal block of E[x x^T] (no error"
+        " passes between runs): the inverse costs K x span^2 instead of K^3. Unset: the whole weight at once.",
+    )
     compensation_block_rows: int = option(
         128, "Compensated rounding: rows rounded between two updates of the rest (a multiple of block_size)."
     )
@@ -227,6 +233,9 @@ class QuantizeOptions:
         cap = self.compensation_max_inputs
         if cap is not None and cap < 1:
             raise ValueError(f"compensation_max_inputs must be a positive number of input channels, got {cap}")
+        span = self.compensation_span
+        if span is not None and (span < self.block_size or span % self.block_size):
+            raise ValueError(f"compensation_span must be a multiple of block_size ({self.block_size}), got {span}")
         rows = self.compensation_block_rows
         if rows < self.block_size or rows % self.block_size:
             raise ValueError(

@@ -41,6 +41,7 @@ NON_DEFAULT = {
     "act_order": (False, ["--no-act-order"]),
     "compensation_block_rows": (256, ["--compensation-block-rows", "256"]),
     "compensation_max_inputs": (4096, ["--compensation-max-inputs", "4096"]),
+    "compensation_span": (4096, ["--compensation-span", "4096"]),
 }
 
 

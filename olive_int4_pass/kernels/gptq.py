@@ -27,6 +27,7 @@ format:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 
 import numpy as np
@@ -39,6 +40,7 @@ from olive_int4_pass.kernels.rtn import (
     _pack_zero_points,
     check_finite,
     rtn_params,
+    unpack_zero_points,
     validate_bits,
     validate_block_size,
 )
@@ -167,6 +169,72 @@ def compensated_quantize(
         raise ValueError(f"weight {name!r}: a block's scale is not finite after compensation")
     packed_zp = None if out_zp is None else _pack_zero_points(out_zp, bits)
     return QuantizedWeight(_pack(q, bits), out_scales, packed_zp, k, n, block_size, bits), info
+
+
+def spans(k: int, block_size: int, span: int | None) -> list[tuple[int, int]]:
+    """The runs of input rows compensated together: the whole weight, or (when ``k`` exceeds ``span``) runs of whole
+    blocks, as equal as possible and none longer than ``span``. Each run is rounded against its own diagonal block of
+    ``H`` (errors are not passed between runs): the inverse costs ``k * span^2`` instead of ``k^3``."""
+    if span is None or k <= span:
+        return [(0, k)]
+    n_blocks = -(-k // block_size)
+    parts = -(-n_blocks // max(1, span // block_size))
+    edges = [block_size * (n_blocks * i // parts) for i in range(parts)] + [k]
+    return list(itertools.pairwise(edges))
+
+
+def compensated_quantize_spans(
+    weight: np.ndarray,
+    moments: Callable[[np.ndarray | None], np.ndarray],
+    *,
+    order: np.ndarray | None = None,
+    span: int | None = None,
+    block_size: int = 32,
+    scales: np.ndarray | None = None,
+    zero_points: np.ndarray | None = None,
+    **kwargs,
+) -> tuple[QuantizedWeight, CompensationInfo]:
+    """:func:`compensated_quantize` run by run over :func:`spans` (the whole weight when it fits one).
+
+    ``moments(channels)`` returns a fresh float32 ``H`` of those input channels, rows and columns in that order
+    (``None``: every channel in natural order); ``order`` is the whole weight's rounding order (None: natural), each
+    run keeping its own channels in that order. ``scales`` / ``zero_points`` (``[N, n_blocks]``) cover the whole
+    weight. The info is the worst run's damping, with the dead channels of all runs.
+    """
+    k = weight.shape[0]
+    parts, infos = [], []
+    for r0, r1 in spans(k, block_size, span):
+        channels = np.arange(r0, r1) if order is None else order[(order >= r0) & (order < r1)]
+        fetch = None if (r0, r1) == (0, k) and order is None else channels
+        g0, g1 = r0 // block_size, -(-r1 // block_size)
+        q, info = compensated_quantize(
+            weight[r0:r1],
+            lambda fetch=fetch: moments(fetch),
+            order=None if order is None else channels - r0,
+            block_size=block_size,
+            scales=None if scales is None else scales[:, g0:g1],
+            zero_points=None if zero_points is None else zero_points[:, g0:g1],
+            **kwargs,
+        )
+        parts.append(q)
+        infos.append(info)
+    worst = max(infos, key=lambda i: i.retries)
+    return concat_rows(parts), dataclasses.replace(worst, dead_channels=sum(i.dead_channels for i in infos))
+
+
+def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Quantized runs of input rows (each a whole number of blocks but the last) as one weight."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    packed = np.concatenate([p.packed for p in parts], axis=1)
+    scales = np.concatenate([p.scales for p in parts], axis=1)
+    zero_points = None
+    if first.zero_points is not None:
+        unpacked = [unpack_zero_points(p.zero_points, p.bits, p.n_blocks) for p in parts]
+        zero_points = _pack_zero_points(np.concatenate(unpacked, axis=1), first.bits)
+    k = sum(p.k for p in parts)
+    return QuantizedWeight(packed, scales, zero_points, k, first.n, first.block_size, first.bits)
 
 
 class _Chunk:

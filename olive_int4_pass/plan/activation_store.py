@@ -88,7 +88,8 @@ class ActivationStore:
 
     def second_moments(self, name: str, order: np.ndarray | None = None) -> np.ndarray:
         """``E[x x^T]`` (float32 ``[K, K]``) with its rows and columns in ``order``, formed from the kept rows in a
-        new array that the caller owns and may overwrite (the kernel factorises it in place)."""
+        new array that the caller owns and may overwrite (the kernel factorises it in place). ``order`` may also
+        pick a subset of the channels: their diagonal block of ``H`` (``compensation_span``)."""
         return self._compute(name, order)
 
     def output_error(self, name: str, error: np.ndarray, weight: np.ndarray) -> tuple[float, float]:
@@ -115,7 +116,7 @@ class ActivationStore:
         torch = streaming_rtn._torch()
         if torch is None:
             raise ImportError("compensated rounding needs torch (installed with olive-ai)")
-        k = self.widths[name]
+        k = self.widths[name] if order is None else len(order)
         total = torch.zeros((k, k), dtype=torch.float32)  # the one K x K buffer: 1.4 GB at K = 18,944
         for rows in self._bands(name):
             band = torch.from_numpy(rows if order is None else rows[:, order])

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 
 from olive_int4_pass.kernels import streaming_rtn
-from olive_int4_pass.kernels.gptq import Compensation, compensated_quantize
+from olive_int4_pass.kernels.gptq import Compensation, compensated_quantize_spans
 from olive_int4_pass.kernels.layout import quantized_bytes
 from olive_int4_pass.kernels.rtn import QuantizedWeight, dequantize_blockwise, quantize_blockwise
 from olive_int4_pass.kernels.scale_search import SearchResult, search_scales
@@ -120,10 +120,11 @@ class QualityPlan:
         opts = self.options
         store = self.activations
         order = store.act_order(activation) if opts.act_order else None
-        q, info = compensated_quantize(
+        q, info = compensated_quantize_spans(
             weight,
-            lambda: store.second_moments(activation, order),
+            lambda channels: store.second_moments(activation, channels),
             order=order,
+            span=opts.compensation_span,
             block_size=opts.block_size,
             bits=bits,
             symmetric=opts.is_symmetric,

@@ -4,6 +4,8 @@ correlated inputs, and clear errors for bad H."""
 
 from __future__ import annotations
 
+import itertools
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -218,3 +220,49 @@ def test_a_given_ordered_h_is_factorised_in_place_with_the_same_bytes(symmetric)
     assert not np.array_equal(given[0], h[order][:, order])  # overwritten by the factorisation
     with pytest.raises(ValueError, match="not a permutation"):
         compensated_quantize(w, fresh, order=order[:-1])
+
+
+def test_spans_are_whole_blocks_at_most_span_long():
+    from olive_int4_pass.kernels.gptq import spans
+
+    assert spans(3584, 32, None) == [(0, 3584)] and spans(3584, 32, 4096) == [(0, 3584)]
+    for k, span in [(18944, 4096), (8960, 2048), (100, 32), (1000, 96)]:
+        runs = spans(k, 32, span)
+        assert runs[0][0] == 0 and runs[-1][1] == k and len(runs) > 1
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(runs))  # contiguous, in order
+        assert all((r1 - r0) <= span for r0, r1 in runs)
+        assert all(r0 % 32 == 0 for r0, _ in runs)  # every run starts a block
+        assert max(r1 - r0 for r0, r1 in runs[:-1]) - min(r1 - r0 for r0, r1 in runs[:-1]) <= 32  # as equal as can be
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_runs_rounded_on_their_own_equal_the_whole_under_a_block_diagonal_h(symmetric):
+    """With no correlation between two runs of inputs (H block diagonal, equal mean diagonals so the damping is the
+    same), compensating each run against its own block of H is the whole weight's compensation; the runs' pieces
+    join into the whole's bytes (odd block counts: packed zero points re-packed)."""
+    from olive_int4_pass.kernels.gptq import concat_rows, spans
+
+    rng = np.random.default_rng(5)
+    k, n = 160, 24  # 5 blocks: runs of 3 and 2 blocks
+    h = np.zeros((k, k), np.float32)
+    runs = spans(k, 32, 96)
+    assert runs == [(0, 64), (64, 160)] or len(runs) == 2
+    for r0, r1 in runs:
+        x = correlated_inputs(r1 - r0, seed=r0)
+        block = second_moments(x)
+        h[r0:r1, r0:r1] = block / np.diagonal(block).mean()
+    w = (rng.normal(size=(k, n)) * 0.02).astype(np.float32)
+    comp = Compensation(act_order=False)
+    whole, _ = compensated_quantize(w, h, symmetric=symmetric, compensation=comp)
+    parts = [
+        compensated_quantize(w[r0:r1], h[r0:r1, r0:r1].copy(), symmetric=symmetric, compensation=comp)[0]
+        for r0, r1 in runs
+    ]
+    joined = concat_rows(parts)
+    assert (joined.k, joined.n) == (whole.k, whole.n)
+    # The same up to float summation order (blocks take their scale from the weights compensated so far).
+    np.testing.assert_allclose(joined.scales, whole.scales, rtol=1e-5)
+    if not symmetric:
+        assert np.mean(joined.zero_points == whole.zero_points) > 0.99
+    same = np.mean(_unpack(joined.packed, 4) == _unpack(whole.packed, 4))
+    assert same > 0.995, same

@@ -110,6 +110,8 @@ def test_not_enough_disk_is_a_clear_error(exports, tmp_path, private_tmp, monkey
         ({"compensation_damping": 0.0}, "compensation_damping"),
         ({"compensation_damping": float("nan")}, "compensation_damping"),
         ({"compensation_block_rows": 48}, "multiple of block_size"),
+        ({"compensation_span": 48}, "compensation_span must be a multiple of block_size"),
+        ({"compensation_span": 0}, "compensation_span must be a multiple of block_size"),
         ({"rounding": "gptq"}, "rounding must be one of"),
     ],
 )
@@ -135,3 +137,26 @@ def onnx_k(model, name) -> int:
     """Input channels of the MatMul weight ``name`` (stored [K, N])."""
     init = next(i for i in onnx.load(str(model), load_external_data=False).graph.initializer if i.name == name)
     return int(init.dims[0])
+
+
+def test_span_splits_wide_weights_into_independent_runs(exports, tmp_path, private_tmp):
+    """A span at least every K changes no byte; a 32-wide span compensates each block of inputs on its own: other
+    levels than the whole-weight compensation, the same size, each weight's output error still below round to
+    nearest's on the calibration inputs."""
+    model = exports("qwen2")["fp32-cpu"] / "model.onnx"
+    common = {"rounding": "compensated", "calibration": "default", "calibration_tokens": 512}
+    outs = {}
+    for name, span in [("whole", None), ("wide", 4096), ("split", 32)]:
+        quantize_file(model, tmp_path / name, QuantizeOptions(**common, compensation_span=span), progress=False)
+        outs[name] = (tmp_path / name / "model.onnx.data").read_bytes()
+    assert outs["wide"] == outs["whole"]
+    assert outs["split"] != outs["whole"] and len(outs["split"]) == len(outs["whole"])
+    split, whole = (report(tmp_path / n)["weights_worst_first"] for n in ("split", "whole"))
+    assert all(w["rounding"] == "compensated" for w in split.values())
+    # Passing no error between runs gives up some of the compensation, not all of it.
+    errors = [(split[n]["output_relative_error"], whole[n]["output_relative_error"]) for n in split]
+    assert sum(e for e, _ in errors) > sum(e for _, e in errors)
+    plain = quantize_file(model, tmp_path / "rtn", QuantizeOptions(), progress=False)
+    ids = tokenize(default_calibration_text(), model.parent, 256)
+    assert kl_to_float(model, tmp_path / "split" / "model.onnx", ids) < kl_to_float(model, plain, ids)
+    assert not kept_inputs(private_tmp)
