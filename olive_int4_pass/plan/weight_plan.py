@@ -24,6 +24,7 @@ from olive_int4_pass.kernels.scale_search import SearchResult, search_scales
 from olive_int4_pass.options import QuantizeOptions
 from olive_int4_pass.plan.activation_store import ActivationStore
 from olive_int4_pass.plan.candidates import Candidate, WeightKey
+from olive_int4_pass.plan.search_store import SearchStore
 from olive_int4_pass.plan.sensitivity import ImpactProbe, group_by_layer, measure_groups
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class QualityPlan:
         self.options = options
         self.importance: dict[str, np.ndarray] = {}
         self.bits: dict[WeightKey, int] = {}
-        self.searched: dict[tuple[WeightKey, int], SearchResult] = {}
+        self.searched = SearchStore()  # {(key, bits): SearchResult}, on disk until the write
         self.errors: dict[str, dict] = {}
         self.group_kl: dict[str, float] = {}  # measured sensitivity, when asked for
         self.seconds: dict[str, float] = {}  # where planning time went: calibration, sensitivity, search
@@ -102,7 +103,8 @@ class QualityPlan:
         )
 
     def close(self) -> None:
-        """Drop what only the write needed (the kept calibration inputs)."""
+        """Drop what only the write needed (the kept calibration inputs, the searched scales)."""
+        self.searched.close()
         if self.activations is not None:
             self.activations.close()
 
