@@ -28,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 import ml_dtypes
 import numpy as np
 
+from olive_int4_pass.kernels.pages import release_pages
+
 SUPPORTED_BITS = (4, 8)
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), _BF16)
@@ -125,6 +127,7 @@ def quantize_blockwise(
         if zp_full is not None:
             zp_full[n0:n1] = zp
         packed[n0:n1] = _pack(q, bits)
+        release_pages(weight)  # a large memory-mapped weight: keep only the pages of the chunks in flight
 
     starts = range(0, n, rows_per_chunk)
     if reference is None and len(starts) > 1:

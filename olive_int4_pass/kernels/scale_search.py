@@ -55,6 +55,7 @@ import ml_dtypes
 import numpy as np
 
 from olive_int4_pass.kernels import streaming_rtn
+from olive_int4_pass.kernels.pages import release_pages
 from olive_int4_pass.kernels.rtn import round_half_away
 
 SHRINK_GRID = tuple(np.round(np.arange(0.70, 1.0001, 0.025), 3))
@@ -157,11 +158,15 @@ def search_scales(
 
     def work() -> np.ndarray:
         tiler = _Tiler(torch, setup, rows, cols, weight, scales, zps)
+        band = None
         while True:
             with lock:
                 i = next(next_tile, None)
             if i is None:
                 return tiler.totals
+            if tiles[i][0] != band:  # a new band of K: the pages read for the last one are not needed again
+                band = tiles[i][0]
+                release_pages(weight)
             tiler.run(*tiles[i])
 
     workers = max(1, min(len(tiles), os.cpu_count() or 1, _MAX_WORKERS))

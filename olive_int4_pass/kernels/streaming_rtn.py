@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import ml_dtypes
 import numpy as np
 
+from olive_int4_pass.kernels.pages import advise
 from olive_int4_pass.kernels.rtn import QuantizedWeight
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -278,9 +279,9 @@ def file_bands(
 
     def populate(i: int) -> None:
         try:
-            _advise(mm, _MADV_POPULATE_READ, *pages(i))
+            advise(mm, _MADV_POPULATE_READ, *pages(i))
         except OSError:  # kernels before 5.14: start the read-ahead, the workers fault the pages in
-            _advise(mm, mmap.MADV_WILLNEED, *pages(i))
+            advise(mm, mmap.MADV_WILLNEED, *pages(i))
 
     with ThreadPoolExecutor(max_workers=1) as helper:
         pending = helper.submit(populate, 0)
@@ -293,13 +294,8 @@ def file_bands(
                 first,
                 np.frombuffer(mm, dtype=dtype, count=count, offset=offset + first * row_bytes).reshape(-1, cols),
             )
-            _advise(mm, getattr(mmap, "MADV_DONTNEED", 0), *pages(i))
+            advise(mm, getattr(mmap, "MADV_DONTNEED", 0), *pages(i))
     # The map closes when the last view of it is gone.
-
-
-def _advise(mm: mmap.mmap, advice: int, start: int, length: int) -> None:
-    if hasattr(mm, "madvise"):  # not on Windows: there the pages stay mapped until the tensor is done
-        mm.madvise(advice, start, length)
 
 
 def _band_rows(rows: int, cols: int, itemsize: int, block_size: int, transposed: bool) -> int:

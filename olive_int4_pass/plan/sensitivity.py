@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from olive_int4_pass.genai.layers import LAYER
+from olive_int4_pass.kernels.pages import release_pages
 
 
 def layer_of(node_names: Iterable[str]) -> str | None:
@@ -182,6 +183,7 @@ def head_logits(x: np.ndarray, weight: np.ndarray, chunk_bytes: int = 1 << 26) -
     step = max(1, chunk_bytes // (4 * weight.shape[0]))
     for v0 in range(0, weight.shape[1], step):
         out[:, v0 : v0 + step] = rows @ np.asarray(weight[:, v0 : v0 + step], np.float32)
+        release_pages(weight)  # a memory-mapped float lm_head: one chunk's pages resident, not the whole table
     if weight.dtype != np.float32:
         out = out.astype(weight.dtype).astype(np.float32)
     return out.reshape(*x.shape[:-1], weight.shape[1])
