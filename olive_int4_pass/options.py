@@ -40,7 +40,13 @@ QUALITY_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 # What an unset option resolves to when no preset sets it.
-_UNSET_DEFAULTS = {"is_symmetric": True, "lm_head": "quantize", "scale_search": False, "sensitivity": "error"}
+_UNSET_DEFAULTS = {
+    "is_symmetric": True,
+    "lm_head": "quantize",
+    "scale_search": False,
+    "sensitivity": "error",
+    "sensitivity_depth": 0,
+}
 DEFAULT_CALIBRATION = "default"
 
 
@@ -153,6 +159,14 @@ class QuantizeOptions:
         shown_default="error",
     )
     sensitivity_tokens: int = option(256, "Calibration tokens each 'measured' sensitivity run scores (at least 16).")
+    sensitivity_depth: int | None = option(
+        None,
+        "Layers each 'measured' sensitivity probe runs exactly after its own start and again before the logits; in"
+        " between, its change to the residual stream is carried, scaled with the stream's size, so the probes' cost"
+        " grows linearly with the model's depth instead of quadratically. 0: every probe runs through every later"
+        " layer. Unset: the preset's, else 0.",
+        shown_default="0",
+    )
     rounding: str = option(
         "nearest",
         "'nearest': every value to its nearest level (the reference). 'compensated': error-compensated rounding"
@@ -219,6 +233,8 @@ class QuantizeOptions:
         for name in ("calibration_tokens", "sensitivity_tokens"):
             if getattr(self, name) < 16:
                 raise ValueError(f"{name} must be >= 16, got {getattr(self, name)}")
+        if self.sensitivity_depth < 0:
+            raise ValueError(f"sensitivity_depth must be a number of layers >= 0, got {self.sensitivity_depth}")
         if self.rounding == "compensated":
             if self.calibration is None:
                 raise ValueError("rounding='compensated' needs calibration (a text file or 'default')")

@@ -36,6 +36,7 @@ NON_DEFAULT = {
     "mixed_precision_budget": (0.05, ["--mixed-precision-budget", "0.05"]),
     "sensitivity": ("measured", ["--sensitivity", "measured"]),
     "sensitivity_tokens": (64, ["--sensitivity-tokens", "64"]),
+    "sensitivity_depth": (4, ["--sensitivity-depth", "4"]),
     "rounding": ("compensated", ["--rounding", "compensated"]),
     "compensation_damping": (0.05, ["--compensation-damping", "0.05"]),
     "act_order": (False, ["--no-act-order"]),

@@ -76,7 +76,7 @@ def prepare_quality_plan(
         probe = None
         if opts.sensitivity == "measured":
             start = time.perf_counter()
-            probe = impact_probe(candidates, opts.sensitivity_tokens, model_path, token_ids)
+            probe = impact_probe(candidates, opts.sensitivity_tokens, model_path, token_ids, opts.sensitivity_depth)
             quality.seconds["sensitivity"] = time.perf_counter() - start
         quality.choose_bits(candidates, opts.bits, fixed, probe)
     return seconds
@@ -97,9 +97,10 @@ def _activation_store(candidates: list[Candidate], num_tokens: int) -> Activatio
 
 
 def impact_probe(
-    candidates: dict[WeightKey, Candidate], tokens: int, model_path: Path, token_ids: Sequence
+    candidates: dict[WeightKey, Candidate], tokens: int, model_path: Path, token_ids: Sequence, depth: int = 0
 ) -> ImpactProbe | LayeredImpactProbe:
-    """The float model on the first ``tokens`` calibration tokens, its candidate weights as inputs."""
+    """The float model on the first ``tokens`` calibration tokens, its candidate weights as inputs; probes carried
+    to the logits after ``depth`` layers (0: run to the logits)."""
     from olive_int4_pass.genai.layers import NotCuttable
 
     sample = list(_sequences(token_ids)[0][:tokens])
@@ -109,7 +110,7 @@ def impact_probe(
 
     loaders = {cand.name: stored(cand) for cand in candidates.values()}
     try:
-        return LayeredImpactProbe(model_path, loaders, sample)
+        return LayeredImpactProbe(model_path, loaders, sample, depth or None)
     except NotCuttable as e:
         logger.info(
             "Measuring sensitivity on the whole model at once (%s cannot be cut into layers: %s)", model_path, e

@@ -13,6 +13,7 @@ serves every group.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import numpy as np
 
 from olive_int4_pass.genai.layers import LAYER
 from olive_int4_pass.kernels.pages import release_pages
+
+logger = logging.getLogger(__name__)
 
 
 def layer_of(node_names: Iterable[str]) -> str | None:
@@ -74,6 +77,14 @@ class LayeredImpactProbe:
     layer's weights, a group's replaced weights while later layers read them, and each probe's hidden states; each
     probe's logits are reduced to its KL as soon as they are computed. Raises ``NotCuttable`` for a graph that
     cannot be cut (use :class:`ImpactProbe`).
+
+    ``depth`` (cost linear in depth): a probe runs its own layer and ``depth`` - 1 more exactly, then stops; its
+    change to the residual stream (the sum of the values crossing the cut, minus the float run's), relative to the
+    stream's size there, waits until the last ``tail`` layers (default ``depth``), where it is added to the float
+    run's stream at that size and the probe runs exactly to the logits. Each probe then costs at most ``depth`` +
+    ``tail`` layers instead of every later one. What it leaves out is how the skipped middle layers transform the
+    change beyond scaling it with the stream (exact where they add nothing: ``tests/plan/test_sensitivity_depth.py``);
+    the ranking it gives on real models is in docs/results.md. Unset: every probe runs to the logits.
     """
 
     def __init__(
@@ -81,6 +92,8 @@ class LayeredImpactProbe:
         model_path: Path,
         weights: Mapping[str, Callable[[], np.ndarray]],
         token_ids: Sequence[int],
+        depth: int | None = None,
+        tail: int | None = None,
     ) -> None:
         from olive_int4_pass.genai.decoder import log_softmax
         from olive_int4_pass.genai.layers import LayeredDecoder
@@ -95,6 +108,8 @@ class LayeredImpactProbe:
         # open keeps every page it read resident: the whole model, by the last layer).
         self.weights = dict(weights)
         self.token_ids = [int(t) for t in token_ids]
+        self.depth = depth
+        self.tail = depth or 0 if tail is None else tail
 
     def measure(
         self,
@@ -113,9 +128,14 @@ class LayeredImpactProbe:
             wanted = {names[k] for k in keys}
             start[group] = next((i for i, r in enumerate(reads) if r & wanted), None)
         result = {g: 0.0 for g, i in start.items() if i is None}  # weights no layer reads
+        last = self._last_segment()
+        # Carried probes rejoin ``tail`` segments before the logits (the last layers reshape the stream the most).
+        rejoin = max(last - self.tail, 1)
+        residual = self._residual_inputs(rejoin) if self.depth is not None else None
         floats = self.decoder.first_feeds(self.token_ids)
         states: dict[str, dict[str, np.ndarray]] = {}
         replaced: dict[str, dict[str, np.ndarray]] = {}
+        carried: dict[str, np.ndarray] = {}  # group: its relative change to the residual stream, up to ``rejoin``
         reference = probs = None
         for index, segment in enumerate(segments):
             session = self.decoder.session(segment, floats)
@@ -123,25 +143,62 @@ class LayeredImpactProbe:
             for group in [g for g, i in start.items() if i == index]:
                 states[group] = dict(floats)
                 replaced[group] = dict(replacement(k) for k in groups[group])
+            if index == rejoin:  # the carried probes go on from the float values plus their change
+                for group, change in carried.items():
+                    states[group], replaced[group] = _with_change(floats, residual, change), {}
+                carried.clear()
             computed = self._advance(session, segment, floats_here, floats, {})
             if computed is not None:
                 reference, probs = computed, np.exp(computed)
-            for group in list(states):
-                logprobs = self._advance(session, segment, floats_here, states[group], replaced[group])
+            later_inputs = set().union(*(s.inputs for s in segments[index + 1 :]))
+            for group, state, weights in [(g, states[g], replaced[g]) for g in list(states)]:
+                logprobs = self._advance(session, segment, floats_here, state, weights)
                 if logprobs is not None:
                     result[group] = max(float(np.einsum("ij,ij->", probs, reference - logprobs) / len(logprobs)), 0.0)
-                    del states[group], replaced[group]
+                    states.pop(group, None)
+                    replaced.pop(group, None)
                     if progress:
                         progress(group)
                     continue
                 later = set().union(*reads[index + 1 :])
-                replaced[group] = {n: w for n, w in replaced[group].items() if n in later}
-            later_inputs = set().union(*(s.inputs for s in segments[index + 1 :]))
+                replaced[group] = {n: w for n, w in weights.items() if n in later}
+                if residual and index + 1 < rejoin and index + 1 - start[group] >= self.depth and not replaced[group]:
+                    change = _residual_change(state, floats, later_inputs)
+                    if change is not None:
+                        carried[group] = change
+                        del states[group], replaced[group]
             for state in [floats, *states.values()]:
                 for name in [n for n in state if n not in later_inputs]:
                     del state[name]
             del session, floats_here
         return result
+
+    def _last_segment(self) -> int:
+        """The segment that computes the logits (or the head's input)."""
+        wanted = self.head[0] if self.head else "logits"
+        return next(i for i, s in enumerate(self.decoder.segments) if wanted in s.outputs)
+
+    def _residual_inputs(self, index: int) -> list[str] | None:
+        """The inputs of segment ``index`` whose sum is the residual stream: the one value the segment before produced
+        for it, or the two that a single Add / Skip(Simplified)LayerNormalization adds. None (probes run to the
+        logits) for any other interface."""
+        graph, segments = self.decoder.model.graph, self.decoder.segments
+        before = {out for i in segments[index - 1].nodes for out in graph.node[i].output} if index > 0 else set()
+        inner = [x for x in segments[index].inputs if x in before]
+        readers = [graph.node[i] for i in segments[index].nodes if set(graph.node[i].input) & set(inner)]
+        if len(inner) == 1 or (
+            len(inner) == 2
+            and len(readers) == 1
+            and readers[0].op_type in _SUMS
+            and set(readers[0].input[:2]) == set(inner)
+        ):
+            return inner
+        logger.info(
+            "Measured sensitivity: every probe runs to the logits (the inputs of %s are not a residual stream: %s)",
+            segments[index].name,
+            inner,
+        )
+        return None
 
     def _advance(
         self, session, segment, weights: Mapping[str, np.ndarray], state: dict, replaced: Mapping[str, np.ndarray]
@@ -162,6 +219,46 @@ class LayeredImpactProbe:
         if logits is None:
             return None
         return self._log_softmax(np.asarray(logits, np.float32).reshape(-1, logits.shape[-1]))
+
+
+_SUMS = {"Add", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization"}
+
+
+def _residual_change(
+    state: Mapping[str, np.ndarray], floats: Mapping[str, np.ndarray], crossing: Iterable[str]
+) -> np.ndarray | None:
+    """A probe's change to the residual stream at a cut, relative to the stream's size: the sum of its differences
+    from the float run over the values ``crossing`` the cut (between layers they add up to the residual stream),
+    over the float stream's median norm per position. Empty for no change; None when values of different shapes
+    differ (not a residual stream)."""
+    floating = [x for x in crossing if x in state and np.issubdtype(floats[x].dtype, np.floating)]
+    changed = [x for x in floating if not np.array_equal(state[x], floats[x])]
+    if not changed:
+        return np.zeros(0, np.float32)
+    if any(state[x].shape != state[changed[0]].shape for x in changed):
+        return None
+    delta = sum(np.asarray(state[x], np.float32) - np.asarray(floats[x], np.float32) for x in changed)
+    return delta / _stream_norm([floats[x] for x in floating if floats[x].shape == delta.shape])
+
+
+def _stream_norm(parts: Sequence[np.ndarray]) -> float:
+    """The median over positions of the norm of the residual stream (the sum of ``parts``).
+
+    A median, not each position's own norm: the few positions whose stream grows a hundredfold in the early layers
+    (the first token's "massive activations") would otherwise blow a carried change up by as much."""
+    total = sum(np.asarray(p, np.float32) for p in parts)
+    return float(np.median(np.linalg.norm(total.reshape(-1, total.shape[-1]), axis=-1))) + 1e-12
+
+
+def _with_change(inputs: Mapping[str, np.ndarray], residual: Sequence[str], change: np.ndarray) -> dict:
+    """``inputs`` with a relative ``change`` (see :func:`_residual_change`) added to the residual stream, scaled by
+    the stream's norm here (added to the first of the values that sum to it)."""
+    state = dict(inputs)
+    if change.size:
+        x = residual[0]
+        delta = change * _stream_norm([inputs[r] for r in residual])
+        state[x] = (np.asarray(inputs[x], np.float32) + delta).astype(inputs[x].dtype)
+    return state
 
 
 def find_head(model_path: Path, weights: Iterable[str]) -> tuple[str, str] | None:

@@ -52,7 +52,7 @@ def test_max_chooses_the_same_bits_either_way(exports, tmp_path, monkeypatch):
     options = QuantizeOptions(quality="max", sensitivity_tokens=64, calibration_tokens=256)
     layered = quantize_file(model, tmp_path / "layered", options, progress=False)
 
-    def whole_probe(candidates, tokens, model_path, token_ids):
+    def whole_probe(candidates, tokens, model_path, token_ids, depth=0):
         sample = list(prepare._sequences(token_ids)[0][:tokens])
         weights = {c.name: (c.weight().T if c.transposed else c.weight()) for c in candidates.values()}
         return ImpactProbe(model_path, weights, sample)
