@@ -36,6 +36,7 @@ QUALITY_PRESETS: dict[str, dict[str, Any]] = {
         "mixed_precision_budget": 0.135,
         "lm_head": "int8",
         "sensitivity": "measured",
+        "sensitivity_depth": 8,
         "is_symmetric": False,
     },
 }
@@ -127,8 +128,8 @@ class QuantizeOptions:
         None,
         "Opt-in quality preset. 'balanced': calibrated importance-weighted scale search, asymmetric, 8-bit tensors"
         " where they cost the most, the model at most +3 % bytes over plain INT4. 'max': the same with the lm_head"
-        " at 8 bits and the 8-bit weights ranked by measured sensitivity, at most +13.5 %. Unset: plain RTN,"
-        " byte-identical to the reference. Options set explicitly override the preset.",
+        " at 8 bits and the 8-bit weights ranked by measured sensitivity (sensitivity_depth 8), at most +13.5 %."
+        " Unset: plain RTN, byte-identical to the reference. Options set explicitly override the preset.",
         choices=tuple(QUALITY_PRESETS),
     )
     calibration: str | None = option(

@@ -150,6 +150,8 @@ def test_presets_fill_only_unset_options():
     assert QuantizeOptions(quality="balanced", is_symmetric=True).is_symmetric is True
     assert QuantizeOptions(quality="balanced", scale_search=False).scale_search is False
     assert QuantizeOptions(quality="max", sensitivity="error").sensitivity == "error"
+    assert QuantizeOptions(quality="max").sensitivity_depth == 8
+    assert QuantizeOptions(quality="max", sensitivity_depth=0).sensitivity_depth == 0  # 0 overrides: to the logits
     plain = QuantizeOptions()
     assert (plain.is_symmetric, plain.lm_head, plain.scale_search, plain.calibration) == (True, "quantize", False, None)
     # Resolved options are a fixed point: replacing a field keeps the others as resolved.
