@@ -93,6 +93,18 @@ def test_too_few_tokens_is_a_clear_error(exports, tmp_path, private_tmp):
         QuantizeOptions(rounding="compensated", calibration=None)
 
 
+def test_fewer_tokens_than_the_widest_input_is_logged(private_tmp, caplog):
+    from olive_int4_pass.plan.prepare import _activation_store
+
+    wide = namedtuple("Candidate", "activation k")
+    for tokens, warned in ((300, True), (512, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="olive_int4_pass.plan.prepare"):
+            _activation_store([wide("x", 64), wide("y", 512)], tokens).close()
+        assert ("300 calibration tokens for inputs up to 512 wide" in caplog.text) is warned
+    assert not kept_inputs(private_tmp)
+
+
 def test_not_enough_disk_is_a_clear_error(exports, tmp_path, private_tmp, monkeypatch):
     model = exports("qwen2")["fp32-cpu"] / "model.onnx"
     usage = namedtuple("usage", "total used free")
