@@ -109,7 +109,7 @@ class LayeredImpactProbe:
         self.weights = dict(weights)
         self.token_ids = [int(t) for t in token_ids]
         self.depth = depth
-        self.tail = depth or 0 if tail is None else tail
+        self.tail = (depth or 0) if tail is None else tail
 
     def measure(
         self,
