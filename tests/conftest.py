@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from tiny_models import save_tiny_model
+from tiny_models import run_builder, save_tiny_model
 
 BUILDER_TARGETS = [("fp32", "cpu"), ("int4", "cpu"), ("fp16", "cuda"), ("int4", "cuda")]
-
-
-def run_builder(hf_dir: Path, out_dir: Path, precision: str, provider: str, cache: Path) -> Path:
-    """``python -m onnxruntime_genai.models.builder`` (its Python API needs private preparation steps)."""
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir)]
-    cmd += ["-p", precision, "-e", provider, "-c", str(cache)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    return out_dir
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 # A DeepSeek-R1-Distill-style chat template (shortened) and its special tokens.
@@ -105,4 +107,13 @@ def save_tiny_model(
     model.generation_config.top_p = 0.95
     model.generation_config.do_sample = True
     model.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def run_builder(hf_dir: Path, out_dir: Path, precision: str, provider: str, cache: Path) -> Path:
+    """``python -m onnxruntime_genai.models.builder`` (its Python API needs private preparation steps)."""
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir)]
+    cmd += ["-p", precision, "-e", provider, "-c", str(cache)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return out_dir

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import run_builder
-from tiny_models import save_tiny_model
+from tiny_models import run_builder, save_tiny_model
 
 from olive_int4_pass.kernels.rtn import dequantize_blockwise, quantize_blockwise
 from olive_int4_pass.options import QuantizeOptions
