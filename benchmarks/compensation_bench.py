@@ -7,8 +7,9 @@
 For each distinct MatMul of one transformer layer (q, k, v, o, gate, up, down) and the lm_head, a random fp16
 weight ``W[K, N]`` and the second moments ``H`` of 2,048 correlated random input rows are made; the table shows,
 per weight, the seconds of forming ``H`` from the kept inputs (:class:`ActivationStore`), of the rounding
-(``compensated_quantize``, act-order) and of plain round to nearest (``quantize_blockwise``), and the output-error
-ratio against round to nearest (below 1 is better). The last lines extrapolate one layer to the model's depth
+(``compensated_quantize``, act-order; the weights of one input share its factored ``H`` as in the plan, so k, v
+and up form none) and of plain round to nearest (``quantize_blockwise``), and the output-error ratio against
+round to nearest (below 1 is better). The last lines extrapolate one layer to the model's depth
 and give the process's peak RSS (VmHWM), which the largest ``H`` (the down projection's, ``intermediate^2``
 floats) sets. Timings share the machine with whatever else runs: rerun for a median.
 """
@@ -27,6 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from olive_int4_pass.kernels.gptq import compensated_quantize_spans
 from olive_int4_pass.kernels.rtn import dequantize_blockwise, quantize_blockwise
 from olive_int4_pass.plan.activation_store import ActivationStore
+
+# The input each weight reads: weights of one input share its factored H (the o projection reads its own).
+INPUT_OF = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "mlp", "up": "mlp", "down": "down", "lm_head": "lm"}
 
 
 def peak_rss_gb() -> float:
@@ -72,6 +76,7 @@ def main() -> None:
     print("| weight | K x N | form H s | compensated s | nearest s | output error / nearest's |")
     print("|---|---|---:|---:|---:|---:|")
     layer = 0.0
+    shared: dict[str, dict] = {}
     for name, k, n in shapes:
         w = (rng.normal(size=(k, n)) * 0.02).astype(np.float16)
         source = "hidden" if k == d else "intermediate"
@@ -85,7 +90,8 @@ def main() -> None:
             return h
 
         start = time.perf_counter()
-        q, _ = compensated_quantize_spans(w, fresh, order=order, span=args.span, name=name)
+        factors = shared.setdefault(INPUT_OF[name], {})  # as the plan does: q/k/v share one factor, gate/up one
+        q, _ = compensated_quantize_spans(w, fresh, order=order, span=args.span, factors=factors, name=name)
         form = sum(formed)
         comp = time.perf_counter() - start - form
         start = time.perf_counter()

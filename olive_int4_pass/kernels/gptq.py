@@ -82,9 +82,52 @@ def rtn_block_params(symmetric: bool, bits: int, dtype: np.dtype) -> BlockParams
     return params
 
 
+@dataclasses.dataclass(frozen=True)
+class Factor:
+    """What the rounding needs from one input's ``H``: the upper Cholesky factor ``u`` of ``(H + damping)^-1``
+    (float32 ``[kp, kp]``, ``kp`` = K padded to whole blocks) in the rounding order ``perm`` (None: natural order).
+    It depends on the input only, so the weights that read the same input (q/k/v, gate/up) share one."""
+
+    u: object  # torch.Tensor
+    perm: object | None  # torch.Tensor of kp row indices, padding rows last
+    info: CompensationInfo
+    k: int
+
+
+def factorize(
+    hessian: np.ndarray | Callable[[], np.ndarray],
+    k: int,
+    *,
+    block_size: int = 32,
+    compensation: Compensation = Compensation(),
+    order: np.ndarray | None = None,
+    name: str = "weight",
+) -> Factor:
+    """The :class:`Factor` of ``hessian`` (``[k, k]``, or a function giving a fresh float32 one already in the order
+    ``order``, which is then factorised in place; see :func:`compensated_quantize`)."""
+    torch = _require_torch()
+    kp = -(-k // block_size) * block_size
+    if callable(hessian):  # H comes in the rounding order, to be overwritten
+        perm = None
+        if order is not None:
+            if sorted(np.asarray(order).tolist()) != list(range(k)):
+                raise ValueError(f"weight {name!r}: order is not a permutation of its {k} input rows")
+            perm = torch.cat([torch.as_tensor(np.asarray(order, np.int64)), torch.arange(k, kp)])
+        u, info = _inverse_factor(torch, lambda: _owned(torch, hessian(), k, kp, name), k, kp, compensation.damp, name)
+        return Factor(u, perm, info, k)
+    _check_hessian(hessian, k, name)
+    perm = None
+    if compensation.act_order:  # padding rows (H[k, k] = 0) come last
+        diag = torch.zeros(kp)
+        diag[:k] = torch.as_tensor(np.diagonal(np.asarray(hessian)).astype(np.float32))
+        perm = torch.argsort(diag, descending=True, stable=True)
+    u, info = _inverse_factor(torch, lambda: _padded(torch, hessian, k, kp, perm), k, kp, compensation.damp, name)
+    return Factor(u, perm, info, k)
+
+
 def compensated_quantize(
     weight: np.ndarray,
-    hessian: np.ndarray | Callable[[], np.ndarray],
+    hessian: np.ndarray | Callable[[], np.ndarray] | Factor,
     *,
     block_size: int = 32,
     bits: int = 4,
@@ -105,23 +148,27 @@ def compensated_quantize(
     ``hessian`` may instead be a function returning a fresh float32 ``H`` already in the rounding order ``order``
     (a permutation of the K rows; None: their natural order, i.e. no act-order), which the kernel then factorises
     in place: no second K x K buffer (1.4 GB for a 7B down projection). It is called again if ``H`` must be damped
-    more.
+    more. Or it is a :class:`Factor` made before (by :func:`factorize`, for another weight of the same input).
     """
     validate_block_size(block_size)
     validate_bits(bits)
-    _check(weight, None if callable(hessian) else hessian, compensation, block_size, name)
-    torch = streaming_rtn._torch()
-    if torch is None:
-        raise ImportError("compensated rounding needs torch (installed with olive-ai)")
+    _check(weight, compensation, block_size, name)  # an array H is checked when it is factorised
+    torch = _require_torch()
     k, n = weight.shape
     n_blocks = -(-k // block_size)
     kp = n_blocks * block_size
     dtype = weight.dtype
     if block_params is None:
         block_params = rtn_block_params(symmetric, bits, dtype)
+    if isinstance(hessian, Factor):
+        factor = hessian
+        if factor.k != k or tuple(factor.u.shape) != (kp, kp):
+            raise ValueError(f"weight {name!r}: a factor of {factor.k} input rows given for {k}")
+    else:
+        factor = factorize(hessian, k, block_size=block_size, compensation=compensation, order=order, name=name)
+    u, perm = factor.u, factor.perm
 
-    reordered = (order is not None) if callable(hessian) else compensation.act_order
-    if scales is None and reordered:  # static groups: every block's parameters from the original weight
+    if scales is None and perm is not None:  # static groups: every block's parameters from the original weight
         params = [block_params(_block(weight, b, block_size), b) for b in range(n_blocks)]
         scales = np.stack([p[0] for p in params], axis=1)
         zero_points = None if symmetric else np.stack([p[1] for p in params], axis=1)
@@ -134,19 +181,6 @@ def compensated_quantize(
                 raise ValueError(f"weight {name!r}: asymmetric rounding with given scales needs zero_points")
             out_zp[:] = zero_points
 
-    perm = None
-    if callable(hessian):  # H comes in the rounding order, to be overwritten
-        if order is not None:
-            if sorted(np.asarray(order).tolist()) != list(range(k)):
-                raise ValueError(f"weight {name!r}: order is not a permutation of its {k} input rows")
-            perm = torch.cat([torch.as_tensor(np.asarray(order, np.int64)), torch.arange(k, kp)])
-        u, info = _inverse_factor(torch, lambda: _owned(torch, hessian(), k, kp, name), k, kp, compensation.damp, name)
-    else:
-        if compensation.act_order:  # padding rows (H[k, k] = 0) come last
-            diag = torch.zeros(kp)
-            diag[:k] = torch.as_tensor(np.diagonal(np.asarray(hessian)).astype(np.float32))
-            perm = torch.argsort(diag, descending=True, stable=True)
-        u, info = _inverse_factor(torch, lambda: _padded(torch, hessian, k, kp, perm), k, kp, compensation.damp, name)
     rows = perm[:k].numpy() if perm is not None else None
     groups = ((perm if perm is not None else torch.arange(kp)) // block_size).tolist()
     q = np.empty((n, n_blocks, block_size), np.uint8)
@@ -168,7 +202,14 @@ def compensated_quantize(
     if not np.isfinite(out_scales.astype(np.float32)).all():
         raise ValueError(f"weight {name!r}: a block's scale is not finite after compensation")
     packed_zp = None if out_zp is None else _pack_zero_points(out_zp, bits)
-    return QuantizedWeight(_pack(q, bits), out_scales, packed_zp, k, n, block_size, bits), info
+    return QuantizedWeight(_pack(q, bits), out_scales, packed_zp, k, n, block_size, bits), factor.info
+
+
+def _require_torch():
+    torch = streaming_rtn._torch()
+    if torch is None:
+        raise ImportError("compensated rounding needs torch (installed with olive-ai)")
+    return torch
 
 
 def spans(k: int, block_size: int, span: int | None) -> list[tuple[int, int]]:
@@ -192,6 +233,9 @@ def compensated_quantize_spans(
     block_size: int = 32,
     scales: np.ndarray | None = None,
     zero_points: np.ndarray | None = None,
+    factors: dict[tuple[int, int], Factor] | None = None,
+    compensation: Compensation = Compensation(),
+    name: str = "weight",
     **kwargs,
 ) -> tuple[QuantizedWeight, CompensationInfo]:
     """:func:`compensated_quantize` run by run over :func:`spans` (the whole weight when it fits one).
@@ -199,21 +243,37 @@ def compensated_quantize_spans(
     ``moments(channels)`` returns a fresh float32 ``H`` of those input channels, rows and columns in that order
     (``None``: every channel in natural order); ``order`` is the whole weight's rounding order (None: natural), each
     run keeping its own channels in that order. ``scales`` / ``zero_points`` (``[N, n_blocks]``) cover the whole
-    weight. The info is the worst run's damping, with the dead channels of all runs.
+    weight. ``factors`` (``{(first row, end row): Factor}``), when given, is looked in before ``H`` is formed and
+    filled after: pass the same dict for every weight of one input. The info is the worst run's damping, with the
+    dead channels of all runs.
     """
     k = weight.shape[0]
     parts, infos = [], []
     for r0, r1 in spans(k, block_size, span):
         channels = np.arange(r0, r1) if order is None else order[(order >= r0) & (order < r1)]
         fetch = None if (r0, r1) == (0, k) and order is None else channels
+        local = None if order is None else channels - r0
+        factor = None if factors is None else factors.get((r0, r1))
+        if factor is None:
+            factor = factorize(
+                lambda fetch=fetch: moments(fetch),
+                r1 - r0,
+                block_size=block_size,
+                compensation=compensation,
+                order=local,
+                name=name,
+            )
+            if factors is not None:
+                factors[(r0, r1)] = factor
         g0, g1 = r0 // block_size, -(-r1 // block_size)
         q, info = compensated_quantize(
             weight[r0:r1],
-            lambda fetch=fetch: moments(fetch),
-            order=None if order is None else channels - r0,
+            factor,
             block_size=block_size,
             scales=None if scales is None else scales[:, g0:g1],
             zero_points=None if zero_points is None else zero_points[:, g0:g1],
+            compensation=compensation,
+            name=name,
             **kwargs,
         )
         parts.append(q)
@@ -305,12 +365,10 @@ def _block(weight: np.ndarray, b: int, block_size: int) -> np.ndarray:
     return block
 
 
-def _check(weight: np.ndarray, hessian: np.ndarray, compensation: Compensation, block_size: int, name: str) -> None:
+def _check(weight: np.ndarray, compensation: Compensation, block_size: int, name: str) -> None:
     if weight.ndim != 2:
         raise ValueError(f"weight {name!r} must be 2-D [K, N], got shape {weight.shape}")
     check_finite(weight, name)
-    if hessian is not None:
-        _check_hessian(hessian, weight.shape[0], name)
     if not (np.isfinite(compensation.damp) and 0 < compensation.damp <= 1):
         raise ValueError(f"compensation damping must be in (0, 1], got {compensation.damp!r}")
     rows = compensation.block_rows

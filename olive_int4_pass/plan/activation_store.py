@@ -6,7 +6,7 @@ every input would take ``sum K^2`` floats (44 GB at 7B); the inputs themselves t
 that at 2,048 tokens, and only disk). So calibration appends each window's inputs here as float32 rows, one file
 per MatMul input in a temporary folder, and :meth:`ActivationStore.second_moments` forms ``H`` from the
 memory-mapped rows when a weight asks for it, already in the weight's rounding order, into the one ``K x K`` buffer
-the kernel then factorises in place; q/k/v (gate/up) form it once each, which costs seconds, not memory. The output
+the kernel then factorises in place, once per input (q/k/v, gate/up share the factor). The output
 error of the report is computed from the rows too. The folder is removed by :meth:`close`, or when the store is
 garbage collected.
 """

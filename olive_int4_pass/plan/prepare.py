@@ -57,6 +57,7 @@ def prepare_quality_plan(
         cap = opts.compensation_max_inputs
         compensated = [c for c in candidates.values() if c.activation and (cap is None or c.k <= cap)]
         quality.activations = _activation_store(compensated, num_tokens)
+        quality.compensation_users.update(c.activation for c in compensated)
         keep = quality.activations.add
     try:
         quality.importance = input_second_moments(model_path, activations, token_ids, keep=keep)

@@ -7,6 +7,7 @@ activation statistics from :mod:`olive_int4_pass.plan.calibration`, sensitivitie
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -48,6 +49,10 @@ class QualityPlan:
         # One compensated rounding at a time: it already keeps the cores busy, and two 7B down projections at once
         # would hold two 1.4 GB H.
         self._compensating = threading.Lock()
+        # The factored H of each input, kept while weights that read it are still to be rounded (q/k/v share one,
+        # gate/up another): {activation: {run: Factor}}, and how many weights of each are left.
+        self._factors: dict[str, dict] = {}
+        self.compensation_users: collections.Counter[str] = collections.Counter()
 
     def quantize(self, key: WeightKey, candidate: Candidate, bits: int) -> QuantizedWeight:
         """Quantize one weight as planned and record its error."""
@@ -62,7 +67,9 @@ class QualityPlan:
             if opts.scale_search:
                 search = self.searched.get((key, bits)) or self._search(weight, importance, bits)
             with self._compensating:
+                start = time.perf_counter()
                 q = self._compensate(weight, candidate.activation, candidate.name, bits, search)
+                seconds = time.perf_counter() - start
             sample = np.asarray(weight[:, cols], np.float32)
             output_error = functools.partial(self.activations.output_error, candidate.activation)
         elif not opts.scale_search and streaming_rtn.applies(
@@ -86,6 +93,8 @@ class QualityPlan:
         stats = _error_stats(cols, sample, q, importance, output_error)
         stats.update(bits=bits, nodes=list(candidate.nodes), scale_search=search is not None)
         stats["rounding"] = "compensated" if output_error is not None else "nearest"
+        if output_error is not None:
+            stats["compensation_seconds"] = round(seconds, 3)  # forming and factoring H, if first of its input
         with self._lock:
             self.errors[candidate.name] = stats
         return q
@@ -117,11 +126,14 @@ class QualityPlan:
     ) -> QuantizedWeight:
         """Error-compensated rounding; the searched scales (if any) are fixed first, then compensated around.
 
-        ``H`` is formed fresh from the kept inputs, already in act-order, and factorised in place by the kernel.
+        ``H`` is formed from the kept inputs, already in act-order, and factorised in place by the kernel, once per
+        input: the weights that read the same input (q/k/v, gate/up) are rounded against the same factor.
         """
         opts = self.options
         store = self.activations
         order = store.act_order(activation) if opts.act_order else None
+        factors = self._factors.setdefault(activation, {})
+        shared = bool(factors)
         q, info = compensated_quantize_spans(
             weight,
             lambda channels: store.second_moments(activation, channels),
@@ -133,8 +145,14 @@ class QualityPlan:
             compensation=Compensation(opts.compensation_damping, opts.act_order, opts.compensation_block_rows),
             scales=None if search is None else search.scales,
             zero_points=None if search is None else search.zero_points,
+            factors=factors,
             name=name,
         )
+        self.compensation_users[activation] -= 1
+        if self.compensation_users[activation] <= 0:  # its last weight: the factors go
+            del self._factors[activation]
+        if shared:  # said once per input, by the weight that factored it
+            return q
         if info.retries:
             logger.warning(
                 "%s: the input's second moments were singular; damped by %g x mean(diag) instead of %g",

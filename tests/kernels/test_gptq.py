@@ -266,3 +266,38 @@ def test_runs_rounded_on_their_own_equal_the_whole_under_a_block_diagonal_h(symm
         assert np.mean(joined.zero_points == whole.zero_points) > 0.99
     same = np.mean(_unpack(joined.packed, 4) == _unpack(whole.packed, 4))
     assert same > 0.995, same
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_one_factor_serves_every_weight_of_the_same_input(symmetric):
+    """q/k/v (gate/up) read one input: factorising its H once and rounding each weight against that factor gives
+    each weight's own bytes, for whole weights and for runs (the factors dict is filled once, then only read)."""
+    from olive_int4_pass.kernels.gptq import compensated_quantize_spans, factorize
+
+    h = second_moments(correlated_inputs(160, seed=11))
+    rng = np.random.default_rng(11)
+    weights = [(rng.normal(size=(160, n)) * 0.02).astype(np.float16) for n in (48, 16, 16)]
+    comp = Compensation(act_order=True)
+    factor = factorize(h, 160, compensation=comp)
+    for w in weights:
+        alone, _ = compensated_quantize(w, h, symmetric=symmetric, compensation=comp)
+        assert_same_bytes(compensated_quantize(w, factor, symmetric=symmetric, compensation=comp)[0], alone)
+    order = np.argsort(-np.diag(h), kind="stable")
+    formed = []
+
+    def moments(channels):
+        formed.append(len(channels))
+        return np.ascontiguousarray(h[channels][:, channels])
+
+    factors: dict = {}
+    shared = [
+        compensated_quantize_spans(w, moments, order=order, span=96, symmetric=symmetric, factors=factors)[0]
+        for w in weights
+    ]
+    assert sorted(formed) == [64, 96] and sorted(factors) == [(0, 64), (64, 160)]  # two runs, each factored once
+    for w, q in zip(weights, shared, strict=True):
+        formed.clear()
+        assert_same_bytes(q, compensated_quantize_spans(w, moments, order=order, span=96, symmetric=symmetric)[0])
+        assert len(formed) == 2
+    with pytest.raises(ValueError, match="factor of 160 input rows"):
+        compensated_quantize(weights[0][:128], factor)

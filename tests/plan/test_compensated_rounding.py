@@ -4,6 +4,7 @@ errors for too few tokens or too little disk."""
 
 from __future__ import annotations
 
+import collections
 import json
 import shutil
 import tempfile
@@ -172,3 +173,31 @@ def test_span_splits_wide_weights_into_independent_runs(exports, tmp_path, priva
     ids = tokenize(default_calibration_text(), model.parent, 256)
     assert kl_to_float(model, tmp_path / "split" / "model.onnx", ids) < kl_to_float(model, plain, ids)
     assert not kept_inputs(private_tmp)
+
+
+def test_h_is_formed_once_per_input(exports, tmp_path, private_tmp, monkeypatch):
+    """The weights that read one input (q/k/v, gate/up) share its factored H: it is formed once per input, and the
+    bytes are those of forming it for every weight."""
+    from olive_int4_pass.plan import weight_plan
+    from olive_int4_pass.plan.activation_store import ActivationStore
+
+    model = exports("qwen2")["fp32-cpu"] / "model.onnx"
+    options = QuantizeOptions(rounding="compensated", calibration="default", calibration_tokens=512)
+    formed = []
+    original = ActivationStore.second_moments
+    monkeypatch.setattr(
+        ActivationStore,
+        "second_moments",
+        lambda self, name, order=None: formed.append(name) or original(self, name, order),
+    )
+    quantize_file(model, tmp_path / "shared", options, progress=False)
+    weights = report(tmp_path / "shared")["weights_worst_first"]
+    assert len(formed) == len(set(formed)) < len(weights)  # once per input, fewer inputs than weights
+    shared = (tmp_path / "shared" / "model.onnx.data").read_bytes()
+    formed.clear()
+    # no user counts: a factor is dropped after its first weight
+    no_users = property(lambda self: collections.Counter(), lambda self, value: None)
+    monkeypatch.setattr(weight_plan.QualityPlan, "compensation_users", no_users, raising=False)
+    quantize_file(model, tmp_path / "each", options, progress=False)
+    assert len(formed) == len(weights)  # nothing kept: every weight forms its own
+    assert (tmp_path / "each" / "model.onnx.data").read_bytes() == shared
