@@ -83,11 +83,11 @@ def main() -> None:
         order = store.act_order(source)
         formed = []
 
-        def fresh(channels, source=source, formed=formed):  # as the weight plan does: H in act-order, owned
+        def fresh(orders, source=source, formed=formed):  # as the weight plan does: H in act-order, owned
             start = time.perf_counter()
-            h = store.second_moments(source, channels)
+            blocks = store.second_moment_blocks(source, orders)
             formed.append(time.perf_counter() - start)
-            return h
+            return blocks
 
         start = time.perf_counter()
         factors = shared.setdefault(INPUT_OF[name], {})  # as the plan does: q/k/v share one factor, gate/up one

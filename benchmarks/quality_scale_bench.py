@@ -1,4 +1,5 @@
-"""Quality presets at 7B scale: wall time, peak RSS and where the time goes, for plain INT4, ``balanced`` and ``max``.
+"""Quality presets at 7B scale: wall time, peak RSS and where the time goes, for plain INT4, ``balanced`` and ``max``
+(which compensate their rounding; ``*-nearest``: the same rounding to nearest).
 
     python benchmarks/quality_scale_bench.py                       # Qwen2-7B shape, 28 layers (~30 GB of disk)
     python benchmarks/quality_scale_bench.py --layers 2 4          # the same width, fewer layers: memory growth
@@ -32,13 +33,13 @@ _GB = 1e9
 PRESETS = {
     "int4": {},
     "calibrate": {"calibration": "default"},  # the calibration pass alone: the weights stay plain RTN
-    "balanced": {"quality": "balanced"},
+    "balanced": {"quality": "balanced"},  # compensated rounding in runs of 1,024 inputs, as the presets do
     "max": {"quality": "max"},
-    "balanced-compensated": {"quality": "balanced", "rounding": "compensated"},
-    "max-compensated": {"quality": "max", "rounding": "compensated"},
+    "balanced-nearest": {"quality": "balanced", "rounding": "nearest"},  # the presets before compensation
+    "max-nearest": {"quality": "max", "rounding": "nearest"},
+    "balanced-compensated-whole": {"quality": "balanced", "compensation_span": 1_000_000},  # every weight at once
     # the down projection (18,944 inputs at 7B) compensated in runs of at most 4,096 inputs
-    "balanced-compensated-span": {"quality": "balanced", "rounding": "compensated", "compensation_span": 4096},
-    "balanced-compensated-span1024": {"quality": "balanced", "rounding": "compensated", "compensation_span": 1024},
+    "balanced-compensated-span4096": {"quality": "balanced", "compensation_span": 4096},
 }
 
 

@@ -27,6 +27,7 @@ format:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable
 
@@ -226,7 +227,7 @@ def spans(k: int, block_size: int, span: int | None) -> list[tuple[int, int]]:
 
 def compensated_quantize_spans(
     weight: np.ndarray,
-    moments: Callable[[np.ndarray | None], np.ndarray],
+    moments: Callable[[list[np.ndarray | None]], list[np.ndarray]],
     *,
     order: np.ndarray | None = None,
     span: int | None = None,
@@ -240,23 +241,34 @@ def compensated_quantize_spans(
 ) -> tuple[QuantizedWeight, CompensationInfo]:
     """:func:`compensated_quantize` run by run over :func:`spans` (the whole weight when it fits one).
 
-    ``moments(channels)`` returns a fresh float32 ``H`` of those input channels, rows and columns in that order
-    (``None``: every channel in natural order); ``order`` is the whole weight's rounding order (None: natural), each
-    run keeping its own channels in that order. ``scales`` / ``zero_points`` (``[N, n_blocks]``) cover the whole
-    weight. ``factors`` (``{(first row, end row): Factor}``), when given, is looked in before ``H`` is formed and
-    filled after: pass the same dict for every weight of one input. The info is the worst run's damping, with the
-    dead channels of all runs.
+    ``moments([channels, ...])`` returns, for each entry, a fresh float32 ``H`` of those input channels, rows and
+    columns in that order (``None``: every channel in natural order); it is asked once for every run still to
+    factor (one pass over the calibration inputs), and again for a single run only if its ``H`` must be damped
+    more. ``order`` is the whole weight's rounding order (None: natural), each run keeping its own channels in that
+    order. ``scales`` / ``zero_points`` (``[N, n_blocks]``) cover the whole weight. ``factors``
+    (``{(first row, end row): Factor}``), when given, is looked in before ``H`` is formed and filled after: pass the
+    same dict for every weight of one input. The info is the worst run's damping, with the dead channels of all
+    runs.
     """
     k = weight.shape[0]
-    parts, infos = [], []
+    runs = {}  # (r0, r1) -> (channels to fetch, their order within the run)
     for r0, r1 in spans(k, block_size, span):
         channels = np.arange(r0, r1) if order is None else order[(order >= r0) & (order < r1)]
         fetch = None if (r0, r1) == (0, k) and order is None else channels
-        local = None if order is None else channels - r0
-        factor = None if factors is None else factors.get((r0, r1))
+        runs[(r0, r1)] = (fetch, None if order is None else channels - r0)
+    cached = factors if factors is not None else {}
+    missing = [run for run in runs if run not in cached]
+    formed = dict(zip(missing, moments([runs[run][0] for run in missing]) if missing else [], strict=True))
+
+    def fresh(run):  # the H formed in the one pass, once; a damping retry forms that run's again
+        return formed.pop(run) if run in formed else moments([runs[run][0]])[0]
+
+    parts, infos = [], []
+    for (r0, r1), (_, local) in runs.items():
+        factor = cached.get((r0, r1))
         if factor is None:
             factor = factorize(
-                lambda fetch=fetch: moments(fetch),
+                functools.partial(fresh, (r0, r1)),
                 r1 - r0,
                 block_size=block_size,
                 compensation=compensation,

@@ -136,7 +136,7 @@ class QualityPlan:
         shared = bool(factors)
         q, info = compensated_quantize_spans(
             weight,
-            lambda channels: store.second_moments(activation, channels),
+            lambda orders: store.second_moment_blocks(activation, orders),
             order=order,
             span=opts.compensation_span,
             block_size=opts.block_size,

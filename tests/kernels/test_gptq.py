@@ -285,9 +285,9 @@ def test_one_factor_serves_every_weight_of_the_same_input(symmetric):
     order = np.argsort(-np.diag(h), kind="stable")
     formed = []
 
-    def moments(channels):
-        formed.append(len(channels))
-        return np.ascontiguousarray(h[channels][:, channels])
+    def moments(orders):
+        formed.extend(len(channels) for channels in orders)
+        return [np.ascontiguousarray(h[channels][:, channels]) for channels in orders]
 
     factors: dict = {}
     shared = [

@@ -48,3 +48,21 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="feeds weights of 8 and 16"):
         widths_of([("x", 8), ("x", 16)])
     store.close()
+
+
+def test_the_blocks_of_several_runs_in_one_pass_equal_each_formed_alone(tmp_path):
+    """A weight's runs (compensation_span) get their diagonal blocks of H from one read of the kept rows: the same
+    floats as forming each alone, and fresh arrays the caller may overwrite."""
+    rng = np.random.default_rng(3)
+    store = ActivationStore({"a": 96}, tmp_path)
+    for _ in range(3):
+        store.add("a", rng.normal(size=(1, 50, 96)).astype(np.float32))
+    order = rng.permutation(96)
+    runs = [order[order < 64], order[order >= 64], None]
+    blocks = store.second_moment_blocks("a", runs)
+    assert [b.shape for b in blocks] == [(64, 64), (32, 32), (96, 96)]
+    for run, block in zip(runs, blocks, strict=True):
+        np.testing.assert_array_equal(block, store.second_moments("a", run))
+    blocks[0][:] = 0
+    assert store.second_moment_blocks("a", runs[:1])[0].any()
+    store.close()

@@ -67,18 +67,61 @@ def test_closer_to_the_float_model_at_the_same_size(exports, tmp_path, private_t
 
 
 def test_with_a_preset_deterministic_and_budget_kept(exports, tmp_path, private_tmp):
+    """The presets compensate by default: the same 8-bit choices and scales as the preset rounding to nearest,
+    other levels, the same bytes twice."""
     model = exports("qwen2")["fp32-cpu"] / "model.onnx"
-    preset = QuantizeOptions(quality="balanced", calibration_tokens=512)
-    balanced = quantize_file(model, tmp_path / "balanced", preset, progress=False)
-    options = QuantizeOptions(quality="balanced", rounding="compensated", calibration_tokens=512)
+    nearest = QuantizeOptions(quality="balanced", rounding="nearest", calibration_tokens=512)
+    balanced = quantize_file(model, tmp_path / "nearest", nearest, progress=False)
+    options = QuantizeOptions(quality="balanced", calibration_tokens=512)
+    assert options.rounding == "compensated" and options.compensation_span == 1024
     first = quantize_file(model, tmp_path / "one", options, progress=False)
     second = quantize_file(model, tmp_path / "two", options, progress=False)
     data = [(p.parent / "model.onnx.data").read_bytes() for p in (balanced, first, second)]
     assert data[1] == data[2]
     assert data[1] != data[0] and len(data[1]) == len(data[0])  # same 8-bit choices and scales, other levels
-    bits = {name: w["bits"] for name, w in report(tmp_path / "one")["weights_worst_first"].items()}
-    assert bits == {name: w["bits"] for name, w in report(tmp_path / "balanced")["weights_worst_first"].items()}
+    weights = report(tmp_path / "one")["weights_worst_first"]
+    assert all(w["rounding"] == "compensated" for w in weights.values())
+    bits = {name: w["bits"] for name, w in weights.items()}
+    assert bits == {name: w["bits"] for name, w in report(tmp_path / "nearest")["weights_worst_first"].items()}
     assert 8 in bits.values()  # the 8-bit tensors are compensated too
+    assert not kept_inputs(private_tmp)
+
+
+def test_a_presets_compensation_falls_back_to_nearest_where_it_cannot_run(
+    exports, tmp_path, private_tmp, monkeypatch, caplog
+):
+    """A preset's compensated rounding is its choice, not the user's: with too few calibration tokens or too little
+    temporary disk the preset rounds to nearest and the log says why; asked for explicitly, both stay errors."""
+    from olive_int4_pass.plan.activation_store import ActivationStore
+
+    assert QuantizeOptions(quality="max", calibration_tokens=100).rounding == "nearest"
+    assert QuantizeOptions(quality="max", rounding="nearest").rounding == "nearest"
+    assert QuantizeOptions(quality="max", compensation_span=4096).compensation_span == 4096
+    model = exports("qwen2")["fp32-cpu"] / "model.onnx"
+    common = {"quality": "balanced", "calibration_tokens": 512}
+    reference = quantize_file(model, tmp_path / "nearest", QuantizeOptions(**common, rounding="nearest"))
+    expected = (reference.parent / "model.onnx.data").read_bytes()
+
+    def no_disk(widths, tokens, directory=None):
+        raise ValueError("compensated rounding keeps the calibration inputs on disk: 1.00 GB needed, 0.00 GB free")
+
+    monkeypatch.setattr(ActivationStore, "check_space", staticmethod(no_disk))
+    with caplog.at_level("WARNING", logger="olive_int4_pass.plan.prepare"):
+        out = quantize_file(model, tmp_path / "fallback", QuantizeOptions(**common), progress=False)
+    assert "'balanced' rounds to nearest instead of compensating" in caplog.text and "GB needed" in caplog.text
+    assert (out.parent / "model.onnx.data").read_bytes() == expected
+    assert all(w["rounding"] == "nearest" for w in report(tmp_path / "fallback")["weights_worst_first"].values())
+    with pytest.raises(ValueError, match="GB needed"):
+        quantize_file(model, tmp_path / "explicit", QuantizeOptions(**common, rounding="compensated"), progress=False)
+    assert not (tmp_path / "explicit").exists()
+    monkeypatch.undo()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="olive_int4_pass.plan.prepare"):  # 120 tokens from the data
+        quantize_file(
+            model, tmp_path / "short", QuantizeOptions(quality="balanced"), calibration_ids=[list(range(3, 123))]
+        )
+    assert "needs at least" in caplog.text and "gave 120" in caplog.text
+    assert all(w["rounding"] == "nearest" for w in report(tmp_path / "short")["weights_worst_first"].values())
     assert not kept_inputs(private_tmp)
 
 
@@ -184,12 +227,13 @@ def test_h_is_formed_once_per_input(exports, tmp_path, private_tmp, monkeypatch)
     model = exports("qwen2")["fp32-cpu"] / "model.onnx"
     options = QuantizeOptions(rounding="compensated", calibration="default", calibration_tokens=512)
     formed = []
-    original = ActivationStore.second_moments
-    monkeypatch.setattr(
-        ActivationStore,
-        "second_moments",
-        lambda self, name, order=None: formed.append(name) or original(self, name, order),
-    )
+    original = ActivationStore.second_moment_blocks
+
+    def counted(self, name, orders):
+        formed.append(name)
+        return original(self, name, orders)
+
+    monkeypatch.setattr(ActivationStore, "second_moment_blocks", counted)
     quantize_file(model, tmp_path / "shared", options, progress=False)
     weights = report(tmp_path / "shared")["weights_worst_first"]
     assert len(formed) == len(set(formed)) < len(weights)  # once per input, fewer inputs than weights
