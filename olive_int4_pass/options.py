@@ -288,6 +288,13 @@ class QuantizeOptions:
         get = values.get if isinstance(values, typing.Mapping) else lambda name, default: getattr(values, name, default)
         return cls(**{f.name: get(f.name, f.default) for f in fields()})
 
+    def replace(self, **changes: Any) -> QuantizeOptions:
+        """``dataclasses.replace`` that remembers which options the preset chose: a new instance built from the
+        resolved values alone would take them for the user's."""
+        new = dataclasses.replace(self, **changes)
+        object.__setattr__(new, "_from_preset", frozenset(getattr(self, "_from_preset", ())) - set(changes))
+        return new
+
     def from_preset(self, name: str) -> bool:
         """Whether option ``name`` has the quality preset's value because the user left it unset."""
         return name in getattr(self, "_from_preset", ())

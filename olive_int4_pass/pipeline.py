@@ -78,6 +78,7 @@ def quantize_model(
     report.weight_errors = quality.errors  # filled while the model is saved
     report.calibration_seconds = calibration_seconds
     report.seconds = dict(quality.seconds)  # calibrated runs only: plain INT4 reports stay byte-identical
+    report.write_seconds = quality.write_seconds  # filled while the model is saved
     report.measured_kl = dict(quality.group_kl)
     report.release = quality.close
     log_report(report)

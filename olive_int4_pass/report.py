@@ -27,6 +27,7 @@ class QuantizationReport:
     weight_errors: dict[str, dict] = dataclasses.field(default_factory=dict)
     calibration_seconds: float | None = None
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # calibration, sensitivity, search
+    write_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # compensation; filled while saving
     measured_kl: dict[str, float] = dataclasses.field(default_factory=dict)  # sensitivity="measured", by group
     # Frees what only writing the model needs (compensated rounding's kept calibration inputs); not reported.
     release: typing.Callable[[], None] | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -41,6 +42,11 @@ class QuantizationReport:
             "tied_embeddings": self.tied_decisions,
             "calibration_seconds": self.calibration_seconds,
             "seconds_before_writing": {k: round(v, 3) for k, v in self.seconds.items()},
+            **(
+                {"seconds_while_writing": {k: round(v, 3) for k, v in self.write_seconds.items()}}
+                if self.write_seconds
+                else {}
+            ),
             "weights_worst_first": dict(worst),
             "measured_kl_by_group": dict(sorted(self.measured_kl.items(), key=lambda kv: -kv[1])),
         }

@@ -8,7 +8,6 @@ activation statistics from :mod:`olive_int4_pass.plan.calibration`, sensitivitie
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import logging
 import threading
@@ -44,6 +43,7 @@ class QualityPlan:
         self.errors: dict[str, dict] = {}
         self.group_kl: dict[str, float] = {}  # measured sensitivity, when asked for
         self.seconds: dict[str, float] = {}  # where planning time went: calibration, sensitivity, search
+        self.write_seconds: dict[str, float] = {}  # and, while writing, compensated rounding
         self.activations: ActivationStore | None = None  # calibration inputs, for compensated rounding
         self._lock = threading.Lock()
         # One compensated rounding at a time: it already keeps the cores busy, and two 7B down projections at once
@@ -69,7 +69,9 @@ class QualityPlan:
             with self._compensating:
                 start = time.perf_counter()
                 q = self._compensate(weight, candidate.activation, candidate.name, bits, search)
-                seconds = time.perf_counter() - start
+                self.write_seconds["compensation"] = self.write_seconds.get("compensation", 0.0) + (
+                    time.perf_counter() - start
+                )
             sample = np.asarray(weight[:, cols], np.float32)
             output_error = functools.partial(self.activations.output_error, candidate.activation)
         elif not opts.scale_search and streaming_rtn.applies(
@@ -93,8 +95,6 @@ class QualityPlan:
         stats = _error_stats(cols, sample, q, importance, output_error)
         stats.update(bits=bits, nodes=list(candidate.nodes), scale_search=search is not None)
         stats["rounding"] = "compensated" if output_error is not None else "nearest"
-        if output_error is not None:
-            stats["compensation_seconds"] = round(seconds, 3)  # forming and factoring H, if first of its input
         with self._lock:
             self.errors[candidate.name] = stats
         return q
@@ -259,7 +259,7 @@ class QualityPlan:
                     allowance / 1e6,
                     100 * (opts.mixed_precision_budget or 0.0),
                 )
-                self.options = dataclasses.replace(opts, is_symmetric=True)
+                self.options = opts.replace(is_symmetric=True)
                 opts, spent = self.options, 0.0
         imposed = sorted(
             (key for key, c in candidates.items() if c.min_bits >= 8),

@@ -81,6 +81,8 @@ def test_with_a_preset_deterministic_and_budget_kept(exports, tmp_path, private_
     assert data[1] != data[0] and len(data[1]) == len(data[0])  # same 8-bit choices and scales, other levels
     weights = report(tmp_path / "one")["weights_worst_first"]
     assert all(w["rounding"] == "compensated" for w in weights.values())
+    assert report(tmp_path / "one")["seconds_while_writing"]["compensation"] > 0
+    assert "seconds_while_writing" not in report(tmp_path / "nearest")
     bits = {name: w["bits"] for name, w in weights.items()}
     assert bits == {name: w["bits"] for name, w in report(tmp_path / "nearest")["weights_worst_first"].items()}
     assert 8 in bits.values()  # the 8-bit tensors are compensated too
@@ -97,6 +99,10 @@ def test_a_presets_compensation_falls_back_to_nearest_where_it_cannot_run(
     assert QuantizeOptions(quality="max", calibration_tokens=100).rounding == "nearest"
     assert QuantizeOptions(quality="max", rounding="nearest").rounding == "nearest"
     assert QuantizeOptions(quality="max", compensation_span=4096).compensation_span == 4096
+    preset = QuantizeOptions(quality="balanced")
+    assert preset.from_preset("rounding") and preset.replace(calibration="x.txt").from_preset("rounding")
+    assert not preset.replace(rounding="compensated").from_preset("rounding")  # now the user's
+    assert not QuantizeOptions(quality="balanced", rounding="compensated").from_preset("rounding")
     model = exports("qwen2")["fp32-cpu"] / "model.onnx"
     common = {"quality": "balanced", "calibration_tokens": 512}
     reference = quantize_file(model, tmp_path / "nearest", QuantizeOptions(**common, rounding="nearest"))
