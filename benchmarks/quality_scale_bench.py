@@ -1,5 +1,5 @@
 """Quality presets at 7B scale: wall time, peak RSS and where the time goes, for plain INT4, ``balanced`` and ``max``
-(which compensate their rounding; ``*-nearest``: the same rounding to nearest).
+(and the same with ``rounding: compensated``).
 
     python benchmarks/quality_scale_bench.py                       # Qwen2-7B shape, 28 layers (~30 GB of disk)
     python benchmarks/quality_scale_bench.py --layers 2 4          # the same width, fewer layers: memory growth
@@ -33,13 +33,13 @@ _GB = 1e9
 PRESETS = {
     "int4": {},
     "calibrate": {"calibration": "default"},  # the calibration pass alone: the weights stay plain RTN
-    "balanced": {"quality": "balanced"},  # compensated rounding in runs of 1,024 inputs, as the presets do
+    "balanced": {"quality": "balanced"},
     "max": {"quality": "max"},
-    "balanced-nearest": {"quality": "balanced", "rounding": "nearest"},  # the presets before compensation
-    "max-nearest": {"quality": "max", "rounding": "nearest"},
-    "balanced-compensated-whole": {"quality": "balanced", "compensation_span": 1_000_000},  # every weight at once
-    # the down projection (18,944 inputs at 7B) compensated in runs of at most 4,096 inputs
-    "balanced-compensated-span4096": {"quality": "balanced", "compensation_span": 4096},
+    # error-compensated rounding: in runs of at most 1,024 (4,096) inputs, or every weight at once
+    "balanced-compensated": {"quality": "balanced", "rounding": "compensated", "compensation_span": 1024},
+    "max-compensated": {"quality": "max", "rounding": "compensated", "compensation_span": 1024},
+    "balanced-compensated-span4096": {"quality": "balanced", "rounding": "compensated", "compensation_span": 4096},
+    "balanced-compensated-whole": {"quality": "balanced", "rounding": "compensated"},
 }
 
 
@@ -192,7 +192,8 @@ def quantize(model: Path, out: Path, preset: dict) -> dict:
     )
     seconds, rss, status, tail = _child([sys.executable, "-c", code, str(model), str(out), json.dumps(preset)])
     if status != 0:
-        return {"error": tail.strip().splitlines()[-1] if tail.strip() else f"exit {status}", "seconds": seconds}
+        lines = [line for line in tail.strip().splitlines() if not line.startswith("VMHWM_KB")]
+        return {"error": lines[-1] if lines else f"exit {status}", "seconds": seconds}
     report = out / "quantization_report.json"
     split = json.loads(report.read_text()).get("seconds_before_writing", {}) if report.is_file() else {}
     if report.is_file():  # compensated rounding happens while writing

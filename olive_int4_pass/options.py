@@ -30,14 +30,7 @@ MIN_COMPENSATION_TOKENS = 256
 # text by default; the budget is the whole model's growth over plain INT4, an lm_head at 8 bits included. Measured
 # on a real 1.5B model: docs/results.md.
 QUALITY_PRESETS: dict[str, dict[str, Any]] = {
-    "balanced": {
-        "scale_search": True,
-        "mixed_precision_budget": 0.03,
-        "sensitivity": "error",
-        "is_symmetric": False,
-        "rounding": "compensated",
-        "compensation_span": 1024,
-    },
+    "balanced": {"scale_search": True, "mixed_precision_budget": 0.03, "sensitivity": "error", "is_symmetric": False},
     "max": {
         "scale_search": True,
         "mixed_precision_budget": 0.135,
@@ -45,8 +38,6 @@ QUALITY_PRESETS: dict[str, dict[str, Any]] = {
         "sensitivity": "measured",
         "sensitivity_depth": 8,
         "is_symmetric": False,
-        "rounding": "compensated",
-        "compensation_span": 1024,
     },
 }
 # What an unset option resolves to when no preset sets it.
@@ -56,7 +47,6 @@ _UNSET_DEFAULTS = {
     "scale_search": False,
     "sensitivity": "error",
     "sensitivity_depth": 0,
-    "rounding": "nearest",
 }
 DEFAULT_CALIBRATION = "default"
 
@@ -136,11 +126,10 @@ class QuantizeOptions:
     )
     quality: str | None = option(
         None,
-        "Opt-in quality preset. 'balanced': calibrated importance-weighted scale search, asymmetric,"
-        " error-compensated rounding (span 1024), 8-bit tensors where they cost the most, the model at most +3 %"
-        " bytes over plain INT4. 'max': the same with the lm_head at 8 bits and the 8-bit weights ranked by measured"
-        " sensitivity (sensitivity_depth 8), at most +13.5 %. Unset: plain RTN, byte-identical to the reference."
-        " Options set explicitly override the preset.",
+        "Opt-in quality preset. 'balanced': calibrated importance-weighted scale search, asymmetric, 8-bit tensors"
+        " where they cost the most, the model at most +3 % bytes over plain INT4. 'max': the same with the lm_head"
+        " at 8 bits and the 8-bit weights ranked by measured sensitivity (sensitivity_depth 8), at most +13.5 %."
+        " Unset: plain RTN, byte-identical to the reference. Options set explicitly override the preset.",
         choices=tuple(QUALITY_PRESETS),
     )
     calibration: str | None = option(
@@ -179,16 +168,13 @@ class QuantizeOptions:
         " layer. Unset: the preset's, else 0.",
         shown_default="0",
     )
-    rounding: str | None = option(
-        None,
+    rounding: str = option(
+        "nearest",
         "'nearest': every value to its nearest level (the reference). 'compensated': error-compensated rounding"
         " (GPTQ): each input row's rounding error is pushed onto the rows not yet rounded, through the inverse of the"
         " input's second moments E[x x^T] from calibration; the same format and size. Needs calibration (at least"
-        f" {MIN_COMPENSATION_TOKENS} tokens) and temporary disk for the calibration inputs. Unset: 'nearest', or"
-        " 'compensated' under both quality presets (which fall back to 'nearest', and say so, where the calibration"
-        " is too short or the temporary disk too small).",
+        f" {MIN_COMPENSATION_TOKENS} tokens) and temporary disk for the calibration inputs.",
         choices=ROUNDING_CHOICES,
-        shown_default="nearest",
     )
     compensation_damping: float = option(
         0.1,
@@ -213,8 +199,7 @@ class QuantizeOptions:
         "Compensated rounding: at most this many input channels are compensated together. A weight with more is"
         " split into equal runs of whole blocks, each rounded against its own diagonal block of E[x x^T] (no error"
         " passes between runs): the updates cost K x span x N instead of K^2 x N, the inverse K x span^2 instead of"
-        " K^3. Unset: 1024 under the quality presets, else the whole weight at once.",
-        shown_default="whole weight",
+        " K^3. Unset: the whole weight at once.",
     )
     compensation_block_rows: int = option(
         128, "Compensated rounding: rows rounded between two updates of the rest (a multiple of block_size)."
@@ -237,8 +222,6 @@ class QuantizeOptions:
 
     def _resolve_quality(self) -> None:
         preset = QUALITY_PRESETS.get(self.quality, {}) if self.quality else {}
-        # What the preset chose (not the user): a preset's compensated rounding may fall back to nearest.
-        object.__setattr__(self, "_from_preset", frozenset(n for n in preset if getattr(self, n) is None))
         for name, value in {**_UNSET_DEFAULTS, **preset}.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -254,9 +237,6 @@ class QuantizeOptions:
                 raise ValueError(f"{name} must be >= 16, got {getattr(self, name)}")
         if self.sensitivity_depth < 0:
             raise ValueError(f"sensitivity_depth must be a number of layers >= 0, got {self.sensitivity_depth}")
-        short = self.calibration_tokens < MIN_COMPENSATION_TOKENS
-        if self.rounding == "compensated" and short and self.from_preset("rounding"):
-            object.__setattr__(self, "rounding", "nearest")  # the preset's choice, not the user's: nearest instead
         if self.rounding == "compensated":
             if self.calibration is None:
                 raise ValueError("rounding='compensated' needs calibration (a text file or 'default')")
@@ -287,17 +267,6 @@ class QuantizeOptions:
         """Options from any mapping or object holding (at least) the option names, e.g. an Olive pass config."""
         get = values.get if isinstance(values, typing.Mapping) else lambda name, default: getattr(values, name, default)
         return cls(**{f.name: get(f.name, f.default) for f in fields()})
-
-    def replace(self, **changes: Any) -> QuantizeOptions:
-        """``dataclasses.replace`` that remembers which options the preset chose: a new instance built from the
-        resolved values alone would take them for the user's."""
-        new = dataclasses.replace(self, **changes)
-        object.__setattr__(new, "_from_preset", frozenset(getattr(self, "_from_preset", ())) - set(changes))
-        return new
-
-    def from_preset(self, name: str) -> bool:
-        """Whether option ``name`` has the quality preset's value because the user left it unset."""
-        return name in getattr(self, "_from_preset", ())
 
     @property
     def calibrated(self) -> bool:

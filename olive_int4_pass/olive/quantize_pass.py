@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -141,7 +142,7 @@ def _options_from(config) -> QuantizeOptions:
     """The pass config's options; a data_config is the calibration source ("default" stands for it)."""
     options = QuantizeOptions.from_mapping(config)
     if getattr(config, "data_config", None) is not None:
-        options = options.replace(calibration=DEFAULT_TEXT)
+        options = dataclasses.replace(options, calibration=DEFAULT_TEXT)
     return options
 
 

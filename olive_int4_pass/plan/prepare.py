@@ -56,15 +56,9 @@ def prepare_quality_plan(
     if opts.rounding == "compensated":
         cap = opts.compensation_max_inputs
         compensated = [c for c in candidates.values() if c.activation and (cap is None or c.k <= cap)]
-        try:
-            quality.activations = _activation_store(compensated, num_tokens, explicit=not opts.from_preset("rounding"))
-        except ValueError as e:
-            if not opts.from_preset("rounding"):
-                raise
-            logger.warning("Quality preset %r rounds to nearest instead of compensating: %s", opts.quality, e)
-        if quality.activations is not None:
-            quality.compensation_users.update(c.activation for c in compensated)
-            keep = quality.activations.add
+        quality.activations = _activation_store(compensated, num_tokens)
+        quality.compensation_users.update(c.activation for c in compensated)
+        keep = quality.activations.add
     try:
         quality.importance = input_second_moments(model_path, activations, token_ids, keep=keep)
     except BaseException:
@@ -89,9 +83,8 @@ def prepare_quality_plan(
     return seconds
 
 
-def _activation_store(candidates: list[Candidate], num_tokens: int, explicit: bool = True) -> ActivationStore:
-    """Where calibration keeps the inputs of the weights to compensate; refuses too few tokens or too little disk.
-    ``explicit``: the user asked for compensated rounding (a preset's choice logs the short calibration at info)."""
+def _activation_store(candidates: list[Candidate], num_tokens: int) -> ActivationStore:
+    """Where calibration keeps the inputs of the weights to compensate; refuses too few tokens or too little disk."""
     if num_tokens < MIN_COMPENSATION_TOKENS:
         raise ValueError(
             f"rounding='compensated' needs at least {MIN_COMPENSATION_TOKENS} calibration tokens; the calibration"
@@ -100,8 +93,7 @@ def _activation_store(candidates: list[Candidate], num_tokens: int, explicit: bo
     widths = widths_of((c.activation, c.k) for c in candidates)
     widest = max(widths.values(), default=0)
     if num_tokens < widest:  # measured on Qwen2.5-1.5B: 4,096 tokens beat 2,048 (docs/results.md)
-        logger.log(
-            logging.WARNING if explicit else logging.INFO,
+        logger.warning(
             "Compensated rounding: %d calibration tokens for inputs up to %d wide: their second moments have rank at"
             " most %d and damping fills in the rest. More tokens, up to the widest input, measured better (raise"
             " calibration_tokens with a longer text or data_config).",

@@ -8,6 +8,7 @@ activation statistics from :mod:`olive_int4_pass.plan.calibration`, sensitivitie
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import logging
 import threading
@@ -259,7 +260,7 @@ class QualityPlan:
                     allowance / 1e6,
                     100 * (opts.mixed_precision_budget or 0.0),
                 )
-                self.options = opts.replace(is_symmetric=True)
+                self.options = dataclasses.replace(opts, is_symmetric=True)
                 opts, spent = self.options, 0.0
         imposed = sorted(
             (key for key, c in candidates.items() if c.min_bits >= 8),
