@@ -155,13 +155,14 @@ def remove_stale_staging(target: str | os.PathLike) -> list[Path]:
     removed = []
     for path in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
         pid = path.name[len(target.name) + 2 :].split(".", 1)[0]
-        if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
+        if path.is_dir() and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (run by anyone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

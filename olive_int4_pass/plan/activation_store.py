@@ -8,7 +8,7 @@ per MatMul input in a temporary folder, and :meth:`ActivationStore.second_moment
 memory-mapped rows when a weight asks for it, already in the weight's rounding order, into the one ``K x K`` buffer
 the kernel then factorises in place, once per input (q/k/v, gate/up share the factor). The output
 error of the report is computed from the rows too. The folder is removed by :meth:`close`, or when the store is
-garbage collected.
+garbage collected; one left by a killed run is removed by the next (:mod:`.scratch`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 
 from olive_int4_pass.genai.files import describe_os_error
 from olive_int4_pass.kernels import streaming_rtn
+from olive_int4_pass.plan import scratch
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class ActivationStore:
 
     def __init__(self, widths: Mapping[str, int], directory: str | os.PathLike | None = None) -> None:
         self.widths = dict(widths)
-        self.folder = Path(tempfile.mkdtemp(prefix="olive-int4-activations-", dir=directory))
+        self.folder = scratch.make_folder("olive-int4-activations-", directory)
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.folder), True)
         self._files = {name: self.folder / f"{i}.f32" for i, name in enumerate(sorted(self.widths))}
         self._rows = dict.fromkeys(self.widths, 0)

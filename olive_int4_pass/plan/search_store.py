@@ -10,7 +10,6 @@ when asked for; the folder is removed by :meth:`SearchStore.close` or when the s
 from __future__ import annotations
 
 import shutil
-import tempfile
 import threading
 import weakref
 from collections.abc import Hashable
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from olive_int4_pass.kernels.scale_search import SearchResult
+from olive_int4_pass.plan import scratch
 
 
 class SearchStore:
@@ -33,7 +33,7 @@ class SearchStore:
     def __setitem__(self, key: Hashable, result: SearchResult) -> None:
         with self._lock:
             if self._folder is None:
-                self._folder = Path(tempfile.mkdtemp(prefix="olive-int4-searches-"))
+                self._folder = scratch.make_folder("olive-int4-searches-")
                 self._finalizer = weakref.finalize(self, shutil.rmtree, str(self._folder), True)
             index = self._entries[key][0] if key in self._entries else len(self._entries)
             np.save(self._folder / f"{index}.scales.npy", result.scales)

@@ -185,6 +185,18 @@ def test_bad_input(h, compensation, match):
         compensated_quantize(w, h, compensation=compensation)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_non_finite_weight_is_refused(dtype, bad, act_order):
+    w = np.ones((64, 8), np.float32)
+    w[37, 5] = bad
+    with pytest.raises(ValueError, match=r"'w'.* 1 non-finite"):
+        compensated_quantize(
+            w.astype(dtype), np.eye(64, dtype=np.float32), compensation=Compensation(act_order=act_order), name="w"
+        )
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_chunks_of_output_channels_change_no_byte(monkeypatch, act_order, symmetric):
