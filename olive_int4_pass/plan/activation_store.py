@@ -1,14 +1,15 @@
 """The calibration inputs of the MatMuls to compensate, kept on disk until their weights are rounded.
 
-Compensated rounding needs each MatMul input's full second moments ``H = E[x x^T]`` (``K x K``), but only while
-that weight is being rounded, which happens when the model is written, long after calibration. Keeping ``H`` for
-every input would take ``sum K^2`` floats (44 GB at 7B); the inputs themselves take ``tokens x sum K`` (a fifth of
-that at 2,048 tokens, and only disk). So calibration appends each window's inputs here as float32 rows, one file
-per MatMul input in a temporary folder, and :meth:`ActivationStore.second_moments` forms ``H`` from the
-memory-mapped rows when a weight asks for it, already in the weight's rounding order, into the one ``K x K`` buffer
-the kernel then factorises in place, once per input (q/k/v, gate/up share the factor). The output
-error of the report is computed from the rows too. The folder is removed by :meth:`close`, or when the store is
-garbage collected; one left by a killed run is removed by the next (:mod:`.scratch`).
+Compensated rounding needs each MatMul input's full second moments ``H = E[x x^T]`` (``K x K``), but only while that
+weight is being rounded, which happens when the model is written, long after calibration. Keeping ``H`` for every
+input would take ``sum K^2`` floats (44 GB at 7B); the inputs themselves take ``tokens x sum K`` (a fifth of that at
+2,048 tokens, and only disk). So calibration appends each window's inputs here as rows of the model's own float16 (a
+16-bit model: half the disk, exactly) or float32, one file per MatMul input in a temporary folder, and
+:meth:`ActivationStore.second_moments` forms ``H`` from the memory-mapped rows when a weight asks for it, already in
+the weight's rounding order, into the one ``K x K`` buffer the kernel then factorises in place, once per input (q/k/v,
+gate/up share the factor). The output error of the report is estimated from 512 of the rows. The folder is removed by
+:meth:`close`, or when the store is garbage collected; one left by a killed run is removed by the next
+(:mod:`.scratch`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from olive_int4_pass.plan import scratch
 
 logger = logging.getLogger(__name__)
 
+_ERROR_ROWS = 512  # the report's output error is estimated on this many kept rows, spread over the calibration
+
 
 class ActivationStore:
     """Float32 rows of each named activation (``[tokens, K]``), appended window by window."""
@@ -41,6 +44,7 @@ class ActivationStore:
         self._files = {name: self.folder / f"{i}.f32" for i, name in enumerate(sorted(self.widths))}
         self._rows = dict.fromkeys(self.widths, 0)
         self._orders: dict[str, np.ndarray] = {}
+        self._dtypes: dict[str, np.dtype] = {}
         self._lock = threading.Lock()
 
     def __contains__(self, name: object) -> bool:
@@ -63,7 +67,9 @@ class ActivationStore:
         """Append one window's inputs ``[..., K]``."""
         if name not in self.widths:
             return
-        rows = np.ascontiguousarray(np.asarray(x, np.float32).reshape(-1, self.widths[name]))
+        # Kept as the model computed them: float16 (a 16-bit model's inputs: half the disk, exactly) or float32.
+        dtype = self._dtypes.setdefault(name, np.dtype(np.float16 if x.dtype == np.float16 else np.float32))
+        rows = np.ascontiguousarray(np.asarray(x, dtype).reshape(-1, self.widths[name]))
         if not np.isfinite(rows).all():
             raise ValueError(f"calibration input {name!r} holds NaN or Inf: the float model overflows on this text")
         try:
@@ -103,20 +109,23 @@ class ActivationStore:
         for the columns ``error`` / ``weight`` (``[K, c]``), without forming ``H``."""
         err = energy = 0.0
         e, w = np.asarray(error, np.float32), np.asarray(weight, np.float32)
-        for rows in self._bands(name):
+        stride = max(1, -(-self._rows[name] // _ERROR_ROWS))
+        count = 0
+        for rows in self._bands(name, stride):
             err += float(np.square(rows @ e, dtype=np.float64).sum())
             energy += float(np.square(rows @ w, dtype=np.float64).sum())
-        count = max(self._rows[name], 1)
-        return err / count, energy / count
+            count += rows.shape[0]
+        return err / max(count, 1), energy / max(count, 1)
 
-    def _bands(self, name: str):
+    def _bands(self, name: str, stride: int = 1):
+        """The kept rows (every ``stride``-th), as float32, about 64 MB at a time."""
         count, k = self._rows[name], self.widths[name]
         if count == 0:
             raise ValueError(f"calibration saw no values for {name!r}")
-        x = np.memmap(self._files[name], dtype=np.float32, mode="r", shape=(count, k))
-        step = max(256, (1 << 24) // k)  # about 64 MB of rows at a time
-        for start in range(0, count, step):
-            yield np.array(x[start : start + step])
+        x = np.memmap(self._files[name], dtype=self._dtypes[name], mode="r", shape=(count, k))[::stride]
+        step = max(256, (1 << 24) // k)
+        for start in range(0, x.shape[0], step):
+            yield np.array(x[start : start + step], np.float32)
 
     def _compute(self, name: str, orders: Sequence[np.ndarray | None]) -> list[np.ndarray]:
         torch = streaming_rtn._torch()

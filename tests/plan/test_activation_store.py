@@ -14,7 +14,7 @@ def test_second_moments_over_all_windows(tmp_path):
     windows = [rng.normal(size=(1, n, 48)).astype(np.float32) for n in (100, 37, 256)]
     for x in windows:
         store.add("a", x)
-        store.add("b", x[..., :16].astype(np.float16))  # any float dtype; kept as float32
+        store.add("b", x[..., :16].astype(np.float16))  # a 16-bit model's inputs: kept as float16
         store.add("not kept", x)
     x = np.concatenate([w.reshape(-1, 48) for w in windows]).astype(np.float64)
     assert store.tokens("a") == store.tokens("b") == 393
@@ -32,9 +32,26 @@ def test_second_moments_over_all_windows(tmp_path):
     assert error == pytest.approx(np.einsum("kc,kj,jc->", e, h, e), rel=1e-4)
     assert energy == pytest.approx(np.einsum("kc,kj,jc->", w, h, w), rel=1e-4)
     folder = store.folder
-    assert len(list(folder.iterdir())) == 2
+    assert sorted(p.stat().st_size for p in folder.iterdir()) == [393 * 16 * 2, 393 * 48 * 4]
     store.close()
     assert not folder.exists()
+
+
+def test_the_reports_output_error_is_estimated_on_rows_spread_over_the_calibration(tmp_path, monkeypatch):
+    from olive_int4_pass.plan import activation_store
+
+    monkeypatch.setattr(activation_store, "_ERROR_ROWS", 100)
+    rng = np.random.default_rng(5)
+    store = ActivationStore({"a": 24}, tmp_path)
+    x = rng.normal(size=(393, 24)).astype(np.float32) * np.linspace(0.1, 3, 393, dtype=np.float32)[:, None]
+    for part in np.array_split(x, 5):
+        store.add("a", part)
+    e, w = rng.normal(size=(24, 3)), rng.normal(size=(24, 3))
+    kept = x[::4].astype(np.float64)  # ceil(393 / 100) = every 4th row: 99 rows from first to last window
+    error, energy = store.output_error("a", e, w)
+    assert error == pytest.approx(np.square(kept @ e).sum() / len(kept), rel=1e-4)
+    assert energy == pytest.approx(np.square(kept @ w).sum() / len(kept), rel=1e-4)
+    store.close()
 
 
 def test_bad_inputs(tmp_path):
