@@ -22,15 +22,25 @@ from olive_int4_pass.kernels.rtn import validate_bits, validate_block_size
 LM_HEAD_CHOICES = ("quantize", "int8", "float")
 EMBEDDING_CHOICES = ("float", "int4", "int8")
 SENSITIVITY_CHOICES = ("error", "measured")
-ROUNDING_CHOICES = ("nearest", "compensated")
+ROUNDING_CHOICES = ("nearest", "compensated", "auto")
 # Compensated rounding estimates each MatMul input's K x K second moments: fewer tokens than this leave them too
 # rank-deficient to be worth inverting (GPTQ's own default is 128 samples x 2,048 tokens).
 MIN_COMPENSATION_TOKENS = 256
+# rounding='auto' compensates from this many calibration tokens on: with 4,096 it measured better or equal under both
+# presets on both real models, with the built-in 2,048 it made one model worse (docs/results.md).
+AUTO_COMPENSATION_TOKENS = 4096
 # Named quality presets: option values applied where the user left the option unset. Both calibrate on the built-in
 # text by default; the budget is the whole model's growth over plain INT4, an lm_head at 8 bits included. Measured
 # on a real 1.5B model: docs/results.md.
 QUALITY_PRESETS: dict[str, dict[str, Any]] = {
-    "balanced": {"scale_search": True, "mixed_precision_budget": 0.03, "sensitivity": "error", "is_symmetric": False},
+    "balanced": {
+        "scale_search": True,
+        "mixed_precision_budget": 0.03,
+        "sensitivity": "error",
+        "is_symmetric": False,
+        "rounding": "auto",
+        "compensation_span": 1024,
+    },
     "max": {
         "scale_search": True,
         "mixed_precision_budget": 0.135,
@@ -38,6 +48,8 @@ QUALITY_PRESETS: dict[str, dict[str, Any]] = {
         "sensitivity": "measured",
         "sensitivity_depth": 8,
         "is_symmetric": False,
+        "rounding": "auto",
+        "compensation_span": 1024,
     },
 }
 # What an unset option resolves to when no preset sets it.
@@ -47,6 +59,7 @@ _UNSET_DEFAULTS = {
     "scale_search": False,
     "sensitivity": "error",
     "sensitivity_depth": 0,
+    "rounding": "nearest",
 }
 DEFAULT_CALIBRATION = "default"
 
@@ -129,6 +142,7 @@ class QuantizeOptions:
         "Opt-in quality preset. 'balanced': calibrated importance-weighted scale search, asymmetric, 8-bit tensors"
         " where they cost the most, the model at most +3 % bytes over plain INT4. 'max': the same with the lm_head"
         " at 8 bits and the 8-bit weights ranked by measured sensitivity (sensitivity_depth 8), at most +13.5 %."
+        f" Both round with rounding 'auto' (compensated from {AUTO_COMPENSATION_TOKENS:,} calibration tokens on)."
         " Unset: plain RTN, byte-identical to the reference. Options set explicitly override the preset.",
         choices=tuple(QUALITY_PRESETS),
     )
@@ -168,13 +182,16 @@ class QuantizeOptions:
         " layer. Unset: the preset's, else 0.",
         shown_default="0",
     )
-    rounding: str = option(
-        "nearest",
+    rounding: str | None = option(
+        None,
         "'nearest': every value to its nearest level (the reference). 'compensated': error-compensated rounding"
         " (GPTQ): each input row's rounding error is pushed onto the rows not yet rounded, through the inverse of the"
         " input's second moments E[x x^T] from calibration; the same format and size. Needs calibration (at least"
-        f" {MIN_COMPENSATION_TOKENS} tokens) and temporary disk for the calibration inputs.",
+        f" {MIN_COMPENSATION_TOKENS} tokens) and temporary disk for the calibration inputs. 'auto': compensated when"
+        f" calibration gives at least {AUTO_COMPENSATION_TOKENS:,} tokens and the temporary disk holds their inputs,"
+        " else nearest; the log says which. Unset: 'nearest', or 'auto' under a quality preset.",
         choices=ROUNDING_CHOICES,
+        shown_default="nearest",
     )
     compensation_damping: float = option(
         0.1,
@@ -199,7 +216,8 @@ class QuantizeOptions:
         "Compensated rounding: at most this many input channels are compensated together. A weight with more is"
         " split into equal runs of whole blocks, each rounded against its own diagonal block of E[x x^T] (no error"
         " passes between runs): the updates cost K x span x N instead of K^2 x N, the inverse K x span^2 instead of"
-        " K^3. Unset: the whole weight at once.",
+        " K^3. Unset: the whole weight at once, or 1,024 under a quality preset.",
+        shown_default="whole weight",
     )
     compensation_block_rows: int = option(
         128, "Compensated rounding: rows rounded between two updates of the rest (a multiple of block_size)."
@@ -237,14 +255,13 @@ class QuantizeOptions:
                 raise ValueError(f"{name} must be >= 16, got {getattr(self, name)}")
         if self.sensitivity_depth < 0:
             raise ValueError(f"sensitivity_depth must be a number of layers >= 0, got {self.sensitivity_depth}")
-        if self.rounding == "compensated":
-            if self.calibration is None:
-                raise ValueError("rounding='compensated' needs calibration (a text file or 'default')")
-            if self.calibration_tokens < MIN_COMPENSATION_TOKENS:
-                raise ValueError(
-                    f"rounding='compensated' needs at least {MIN_COMPENSATION_TOKENS} calibration tokens,"
-                    f" calibration_tokens is {self.calibration_tokens}"
-                )
+        if self.rounding in ("compensated", "auto") and self.calibration is None:
+            raise ValueError(f"rounding={self.rounding!r} needs calibration (a text file or 'default')")
+        if self.rounding == "compensated" and self.calibration_tokens < MIN_COMPENSATION_TOKENS:
+            raise ValueError(
+                f"rounding='compensated' needs at least {MIN_COMPENSATION_TOKENS} calibration tokens,"
+                f" calibration_tokens is {self.calibration_tokens}"
+            )
         damping = self.compensation_damping
         if not (math.isfinite(damping) and 0 < damping <= 1):
             raise ValueError(f"compensation_damping must be in (0, 1], got {damping!r}")

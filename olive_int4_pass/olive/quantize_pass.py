@@ -82,7 +82,9 @@ class OnnxInt4RtnQuantization(Pass):
         calibration_ids = None
         if config.data_config is not None:
             calibration_ids = calibration_ids_from_data_config(config.data_config, options.calibration_tokens)
-            if not (options.scale_search or options.mixed_precision_budget or options.rounding == "compensated"):
+            if not (
+                options.scale_search or options.mixed_precision_budget or options.rounding in ("compensated", "auto")
+            ):
                 logger.warning(
                     "data_config only measures (quantization_report.json's weighted errors): set quality,"
                     " scale_search, mixed_precision_budget or rounding to use it for the weights."

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from olive_int4_pass.options import MIN_COMPENSATION_TOKENS
+from olive_int4_pass.options import AUTO_COMPENSATION_TOKENS, MIN_COMPENSATION_TOKENS
 from olive_int4_pass.plan.activation_store import ActivationStore, widths_of
 from olive_int4_pass.plan.calibration import (
     _sequences,
@@ -53,9 +53,9 @@ def prepare_quality_plan(
         token_ids = tokenize(load_calibration_text(opts.calibration), model_path.parent, opts.calibration_tokens)
         num_tokens = len(token_ids)
     keep = None
-    if opts.rounding == "compensated":
-        cap = opts.compensation_max_inputs
-        compensated = [c for c in candidates.values() if c.activation and (cap is None or c.k <= cap)]
+    cap = opts.compensation_max_inputs
+    compensated = [c for c in candidates.values() if c.activation and (cap is None or c.k <= cap)]
+    if opts.rounding == "compensated" or (opts.rounding == "auto" and _auto_compensates(compensated, num_tokens)):
         quality.activations = _activation_store(compensated, num_tokens)
         quality.compensation_users.update(c.activation for c in compensated)
         keep = quality.activations.add
@@ -81,6 +81,27 @@ def prepare_quality_plan(
             quality.seconds["sensitivity"] = time.perf_counter() - start
         quality.choose_bits(candidates, opts.bits, fixed, probe)
     return seconds
+
+
+def _auto_compensates(candidates: list[Candidate], num_tokens: int) -> bool:
+    """``rounding='auto'``: compensate with enough calibration tokens and temporary disk; the log says which."""
+    if not candidates:
+        return False
+    if num_tokens < AUTO_COMPENSATION_TOKENS:
+        logger.info(
+            "Rounding to nearest: %d calibration tokens; rounding='auto' compensates from %d on (with fewer it"
+            " measured worse on a real model; pass a longer text and raise calibration_tokens, docs/quality.md).",
+            num_tokens,
+            AUTO_COMPENSATION_TOKENS,
+        )
+        return False
+    try:
+        ActivationStore.check_space(widths_of((c.activation, c.k) for c in candidates), num_tokens)
+    except ValueError as e:
+        logger.warning("Rounding to nearest instead of compensated (rounding='auto'): %s", e)
+        return False
+    logger.info("Compensated rounding (rounding='auto'): %d calibration tokens.", num_tokens)
+    return True
 
 
 def _activation_store(candidates: list[Candidate], num_tokens: int) -> ActivationStore:

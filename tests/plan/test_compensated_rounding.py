@@ -15,7 +15,7 @@ import onnx
 import pytest
 
 from olive_int4_pass.genai.decoder import DecoderRunner, log_softmax
-from olive_int4_pass.options import MIN_COMPENSATION_TOKENS, QuantizeOptions
+from olive_int4_pass.options import AUTO_COMPENSATION_TOKENS, MIN_COMPENSATION_TOKENS, QuantizeOptions
 from olive_int4_pass.pipeline import quantize_file
 from olive_int4_pass.plan.calibration import default_calibration_text, tokenize
 
@@ -69,8 +69,9 @@ def test_closer_to_the_float_model_at_the_same_size(exports, tmp_path, private_t
 def test_with_a_preset_deterministic_and_budget_kept(exports, tmp_path, private_tmp):
     model = exports("qwen2")["fp32-cpu"] / "model.onnx"
     preset = QuantizeOptions(quality="balanced", calibration_tokens=512)
-    assert preset.rounding == "nearest"  # the presets round to nearest (docs/results.md: compensation measured mixed)
+    assert preset.rounding == "auto"  # and with 512 tokens 'auto' rounds to nearest
     balanced = quantize_file(model, tmp_path / "balanced", preset, progress=False)
+    assert {w["rounding"] for w in report(tmp_path / "balanced")["weights_worst_first"].values()} == {"nearest"}
     options = QuantizeOptions(quality="balanced", rounding="compensated", calibration_tokens=512)
     first = quantize_file(model, tmp_path / "one", options, progress=False)
     second = quantize_file(model, tmp_path / "two", options, progress=False)
@@ -84,6 +85,46 @@ def test_with_a_preset_deterministic_and_budget_kept(exports, tmp_path, private_
     bits = {name: w["bits"] for name, w in weights.items()}
     assert bits == {name: w["bits"] for name, w in report(tmp_path / "balanced")["weights_worst_first"].items()}
     assert 8 in bits.values()  # the 8-bit tensors are compensated too
+    assert not kept_inputs(private_tmp)
+
+
+def test_auto_compensates_from_enough_tokens_and_else_rounds_to_nearest(exports, tmp_path, private_tmp, caplog):
+    model = exports("qwen2")["fp32-cpu"] / "model.onnx"
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(3, 123, size=1024).tolist() for _ in range(AUTO_COMPENSATION_TOKENS // 1024)]
+    options = QuantizeOptions(quality="balanced", calibration_tokens=AUTO_COMPENSATION_TOKENS)
+
+    def build(name, calibration_ids, opts=options):
+        with caplog.at_level("INFO", logger="olive_int4_pass.plan.prepare"):
+            quantize_file(model, tmp_path / name, opts, calibration_ids=calibration_ids, progress=False)
+        weights = report(tmp_path / name)["weights_worst_first"].values()
+        return {w["rounding"] for w in weights}, (tmp_path / name / "model.onnx.data").read_bytes()
+
+    roundings, compensated = build("enough", ids)
+    assert roundings == {"compensated"}
+    assert "Compensated rounding (rounding='auto'): 4096 calibration tokens" in caplog.text
+    # one token fewer: nearest, said in the log, the very bytes of rounding='nearest'
+    caplog.clear()
+    fewer = [ids[0][:-1], *ids[1:]]
+    roundings, auto = build("fewer", fewer)
+    assert roundings == {"nearest"} and "Rounding to nearest: 4095 calibration tokens" in caplog.text
+    nearest = QuantizeOptions(quality="balanced", calibration_tokens=AUTO_COMPENSATION_TOKENS, rounding="nearest")
+    assert auto == build("nearest", fewer, nearest)[1] != compensated
+    assert not kept_inputs(private_tmp)
+
+
+def test_auto_without_the_disk_rounds_to_nearest_and_warns(exports, tmp_path, private_tmp, monkeypatch, caplog):
+    model = exports("qwen2")["fp32-cpu"] / "model.onnx"
+    ids = [list(range(3, 123)) * 9] * 4  # 4,320 tokens
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 1000, 1000))
+    options = QuantizeOptions(quality="balanced", calibration_tokens=5000)
+    with caplog.at_level("WARNING", logger="olive_int4_pass.plan.prepare"):
+        quantize_file(model, tmp_path / "out", options, calibration_ids=ids, progress=False)
+    assert "Rounding to nearest instead of compensated (rounding='auto')" in caplog.text
+    assert "GB needed in" in caplog.text
+    weights = report(tmp_path / "out")["weights_worst_first"].values()
+    assert {w["rounding"] for w in weights} == {"nearest"}
     assert not kept_inputs(private_tmp)
 
 
