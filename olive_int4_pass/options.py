@@ -208,8 +208,8 @@ class QuantizeOptions:
     compensation_max_inputs: int | None = option(
         None,
         "Compensated rounding: weights with more input channels (K) than this are rounded to nearest. The inverse of"
-        " E[x x^T] costs K^3: about 1.5 min on 2 cores for a 7B down projection's 18,944 inputs, against seconds"
-        " for K = 3,584. Unset: every weight is compensated.",
+        " E[x x^T] costs K^3: about 4 min on 2 cores for a 7B down projection's 18,944 inputs, against seconds"
+        " for K = 3,584 (compensation_span is the cheaper way to bound it). Unset: every weight is compensated.",
     )
     compensation_span: int | None = option(
         None,
