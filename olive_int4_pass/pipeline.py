@@ -56,30 +56,34 @@ def quantize_model(
         )
     planning = plan_graph(model.graph, options)
     quality = QualityPlan(options)
-    calibration_seconds = None
-    if options.calibrated or calibration_ids is not None:
-        if model_path is None:
-            raise ValueError("calibrated quantization needs the model's file path")
-        from olive_int4_pass.plan.prepare import prepare_quality_plan
+    try:
+        calibration_seconds = None
+        if options.calibrated or calibration_ids is not None:
+            if model_path is None:
+                raise ValueError("calibrated quantization needs the model's file path")
+            from olive_int4_pass.plan.prepare import prepare_quality_plan
 
-        calibration_seconds = prepare_quality_plan(quality, planning.candidates, model, model_path, calibration_ids)
-    options = quality.options  # the plan may have re-planned to fit the budget (symmetric, lm_head kept at 4 bits)
-    state = QuantizationState(options, model.graph, planning, quality)
-    # Embeddings last: a tied table shares the tensor its lm_head MatMul got.
-    for rule_set in [*quantization_rules(state), embedding_rules(state)]:
-        rule_set.apply_to_model(model)
-    if state.quantized:
-        model.graph.opset_imports.setdefault(MS_DOMAIN, 1)
-    removed = state.remove_replaced_weights()
-    _largest_first(model.graph, state)
-    report = QuantizationReport(
-        dict(state.quantized), dict(state.skipped), removed, *state.byte_counts(), list(state.tied_decisions)
-    )
-    report.weight_errors = quality.errors  # filled while the model is saved
-    report.calibration_seconds = calibration_seconds
-    report.seconds = dict(quality.seconds)  # calibrated runs only: plain INT4 reports stay byte-identical
-    report.write_seconds = quality.write_seconds  # filled while the model is saved
-    report.measured_kl = dict(quality.group_kl)
+            calibration_seconds = prepare_quality_plan(quality, planning.candidates, model, model_path, calibration_ids)
+        options = quality.options  # the plan may have re-planned to fit the budget (symmetric, lm_head kept at 4 bits)
+        state = QuantizationState(options, model.graph, planning, quality)
+        # Embeddings last: a tied table shares the tensor its lm_head MatMul got.
+        for rule_set in [*quantization_rules(state), embedding_rules(state)]:
+            rule_set.apply_to_model(model)
+        if state.quantized:
+            model.graph.opset_imports.setdefault(MS_DOMAIN, 1)
+        removed = state.remove_replaced_weights()
+        _largest_first(model.graph, state)
+        report = QuantizationReport(
+            dict(state.quantized), dict(state.skipped), removed, *state.byte_counts(), list(state.tied_decisions)
+        )
+        report.weight_errors = quality.errors  # filled while the model is saved
+        report.calibration_seconds = calibration_seconds
+        report.seconds = dict(quality.seconds)  # calibrated runs only: plain INT4 reports stay byte-identical
+        report.write_seconds = quality.write_seconds  # filled while the model is saved
+        report.measured_kl = dict(quality.group_kl)
+    except BaseException:
+        quality.close()  # the kept inputs, searched scales and compensations under way go with the failed run
+        raise
     report.release = quality.close
     log_report(report)
     return report

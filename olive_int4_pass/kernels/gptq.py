@@ -352,44 +352,50 @@ class _Chunk:
         The rows of one step (``step`` rows between two lazy updates of the rest) are rounded a block of
         ``block_size`` rows at a time: a row's error goes to the rows left in its block by a rank-1 update, and the
         block's errors to the rest of the step by one product, so the memory-bound rank-1 updates touch at most a
-        block. Errors are kept as ``w - deq`` and ``u``'s rows divided by their diagonal instead.
+        block. Errors are kept as ``w - deq`` and ``u``'s rows divided by their diagonal instead. The elementwise
+        work on one row is numpy's: its calls cost less than torch's on rows this short, with the same values.
         """
         torch, w = self.torch, self.w
         kp, c = w.shape
+        wn = w.numpy()
+        recip_all, offset_all, scale_all = self.reciprocal.numpy(), self.offset.numpy(), self.s32.numpy()
         levels = torch.empty((kp, c), dtype=torch.uint8)
-        q = torch.empty((step, c), dtype=torch.float32)  # one step's levels, as floats
-        err = torch.empty((step, c), dtype=torch.float32)  # and rounding errors w - deq
-        x, t = torch.empty(c, dtype=torch.float32), torch.empty(c, dtype=torch.float32)
-        q_rows, err_rows = q.unbind(0), err.unbind(0)
+        q = np.empty((step, c), dtype=np.float32)  # one step's levels, as floats
+        err = np.empty((step, c), dtype=np.float32)  # and rounding errors w - deq
+        q_t, err_t = torch.from_numpy(q), torch.from_numpy(err)
+        err_rows = err_t.unbind(0)
+        x, t = np.empty(c, dtype=np.float32), np.empty(c, dtype=np.float32)
+        qmax = float(self.qmax)
         for i1 in range(0, kp, step):
             i2 = min(i1 + step, kp)
             m = i2 - i1
             un = u[i1:i2, i1:] / torch.diagonal(u[i1:i2, i1:i2])[:, None]  # [m, kp - i1], unit diagonal
-            rows = w[i1:i2].unbind(0)  # rounded in place: nothing reads them after this step
             for j0 in range(0, m, block_size):
                 j1 = min(j0 + block_size, m)
                 if block_params is not None:  # a new block: its parameters from the weights compensated so far
                     g = groups[i1 + j0]
-                    self.set_block(g, *block_params(w[i1 + j0 : i1 + j0 + block_size].numpy(), g))
-                index = torch.tensor(groups[i1 + j0 : i1 + j1])
-                recip = self.reciprocal.index_select(0, index).unbind(0)
-                offset = self.offset.index_select(0, index).unbind(0)
-                scale = self.s32.index_select(0, index).unbind(0)
+                    self.set_block(g, *block_params(wn[i1 + j0 : i1 + j0 + block_size], g))
+                index = groups[i1 + j0 : i1 + j1]
+                recip, offset, scale = recip_all[index], offset_all[index], scale_all[index]
                 for j in range(j0, j1):
-                    row, b = rows[j], j - j0
+                    row, b = wn[i1 + j], j - j0
                     # Level as MLAS rounds it: roundf(fl(w * (1/s)) + zp), clamped (floor(x + just under 1/2)).
-                    torch.mul(row, recip[b], out=x)
-                    x.add_(offset[b]).clamp_(0, self.qmax).add_(_HALF_BELOW)
-                    torch.floor(x, out=q_rows[j])
-                    torch.sub(q_rows[j], offset[b], out=t)
-                    torch.addcmul(row, t, scale[b], value=-1, out=err_rows[j])
+                    np.multiply(row, recip[b], out=x)
+                    np.add(x, offset[b], out=x)
+                    np.maximum(x, 0.0, out=x)
+                    np.minimum(x, qmax, out=x)
+                    np.add(x, _HALF_BELOW, out=x)
+                    np.floor(x, out=q[j])
+                    np.subtract(q[j], offset[b], out=t)
+                    np.multiply(t, scale[b], out=t)
+                    np.subtract(row, t, out=err[j])
                     if j + 1 < j1:
                         w[i1 + j + 1 : i1 + j1].addr_(un[j, j + 1 : j1], err_rows[j], alpha=-1)
                 if j1 < m:  # the block's errors onto the rest of the step
-                    w[i1 + j1 : i2].addmm_(un[j0:j1, j1:m].T, err[j0:j1], alpha=-1)
-            levels[i1:i2] = q[:m]
+                    w[i1 + j1 : i2].addmm_(un[j0:j1, j1:m].T, err_t[j0:j1], alpha=-1)
+            levels[i1:i2] = q_t[:m]
             if i2 < kp:  # the step's errors onto every row after it
-                w[i2:].addmm_(un[:, m:].T, err[:m], alpha=-1)
+                w[i2:].addmm_(un[:, m:].T, err_t[:m], alpha=-1)
         return levels
 
 

@@ -25,6 +25,7 @@ from olive_int4_pass.kernels.scale_search import SearchResult, search_scales
 from olive_int4_pass.options import QuantizeOptions
 from olive_int4_pass.plan.activation_store import ActivationStore
 from olive_int4_pass.plan.candidates import Candidate, WeightKey
+from olive_int4_pass.plan.compensation_ahead import CompensationAhead
 from olive_int4_pass.plan.search_store import SearchStore
 from olive_int4_pass.plan.sensitivity import ImpactProbe, group_by_layer, measure_groups
 
@@ -46,9 +47,9 @@ class QualityPlan:
         self.seconds: dict[str, float] = {}  # where planning time went: calibration, sensitivity, search
         self.write_seconds: dict[str, float] = {}  # and, while writing, compensated rounding
         self.activations: ActivationStore | None = None  # calibration inputs, for compensated rounding
+        self.ahead: CompensationAhead | None = None  # compensations started beside the search
         self._lock = threading.Lock()
-        # One compensated rounding at a time: it already keeps the cores busy, and two 7B down projections at once
-        # would hold two 1.4 GB H.
+        # One compensated rounding at a time (see _compensate_timed).
         self._compensating = threading.Lock()
         # The factored H of each input, kept while weights that read it are still to be rounded (q/k/v share one,
         # gate/up another): {activation: {run: Factor}}, and how many weights of each are left.
@@ -65,14 +66,11 @@ class QualityPlan:
         output_error = None
         if self.compensates(candidate):
             weight = candidate.weight()
-            if opts.scale_search:
-                search = self.searched.get((key, bits)) or self._search(weight, importance, bits)
-            with self._compensating:
-                start = time.perf_counter()
-                q = self._compensate(weight, candidate.activation, candidate.name, bits, search)
-                self.write_seconds["compensation"] = self.write_seconds.get("compensation", 0.0) + (
-                    time.perf_counter() - start
-                )
+            q = self.ahead.take((key, bits)) if self.ahead is not None else None
+            if q is None:
+                if opts.scale_search:
+                    search = self.searched.get((key, bits)) or self._search(weight, importance, bits)
+                q = self._compensate_timed(weight, candidate, bits, search, "compensation")
             sample = np.asarray(weight[:, cols], np.float32)
             output_error = functools.partial(self.activations.output_error, candidate.activation)
         elif not opts.scale_search and streaming_rtn.applies(
@@ -94,10 +92,22 @@ class QualityPlan:
             q = self._quantize_with(weight, candidate.name, bits, search)
             sample = np.asarray(weight[:, cols], np.float32)
         stats = _error_stats(cols, sample, q, importance, output_error)
-        stats.update(bits=bits, nodes=list(candidate.nodes), scale_search=search is not None)
+        stats.update(bits=bits, nodes=list(candidate.nodes), scale_search=opts.scale_search)
         stats["rounding"] = "compensated" if output_error is not None else "nearest"
         with self._lock:
             self.errors[candidate.name] = stats
+        return q
+
+    def _compensate_timed(
+        self, weight: np.ndarray, candidate: Candidate, bits: int, search: SearchResult | None, what: str
+    ) -> QuantizedWeight:
+        """:meth:`_compensate` one weight at a time (it already keeps the cores busy, and two 7B down projections
+        at once would hold two 1.4 GB ``H``), its seconds added to ``write_seconds[what]``."""
+        with self._compensating:
+            start = time.perf_counter()
+            q = self._compensate(weight, candidate.activation, candidate.name, bits, search)
+            with self._lock:
+                self.write_seconds[what] = self.write_seconds.get(what, 0.0) + time.perf_counter() - start
         return q
 
     def _quantize_with(self, weight: np.ndarray, name: str, bits: int, search: SearchResult | None) -> QuantizedWeight:
@@ -114,6 +124,8 @@ class QualityPlan:
 
     def close(self) -> None:
         """Drop what only the write needed (the kept calibration inputs, the searched scales)."""
+        if self.ahead is not None:  # first: it reads the kept inputs
+            self.ahead.close()
         self.searched.close()
         if self.activations is not None:
             self.activations.close()
@@ -191,6 +203,7 @@ class QualityPlan:
             if opts.scale_search:
                 result = self._search(cand.weight(), importance, default_bits)
                 self.searched[(key, default_bits)] = result
+                self._compensate_ahead(key, cand, default_bits, result)
                 error = result.weighted_error
             else:  # the RTN error only
                 result = search_scales(
@@ -230,10 +243,24 @@ class QualityPlan:
         )
         for key in upgraded:
             self.bits[key] = 8
+            if self.ahead is not None:
+                self.ahead.discard((key, default_bits))
         if upgraded:
             names = ", ".join(sorted(candidates[k].name for k in upgraded))
             added = sum(extra[k] for k in upgraded)
             logger.info("Mixed precision: %d weights at 8 bits (+%.1f MB): %s", len(upgraded), added / 1e6, names)
+
+    def _compensate_ahead(self, key: WeightKey, cand: Candidate, bits: int, search: SearchResult) -> None:
+        """Start ``cand``'s compensated rounding at ``bits`` now, beside the searches still to come (see
+        :mod:`.compensation_ahead`); not for a weight the options put at 8 bits."""
+        if not self.compensates(cand) or self._imposed(cand, key):
+            return
+        if self.ahead is None:
+            self.ahead = CompensationAhead()
+        weight = cand.weight
+        self.ahead.submit(
+            (key, bits), lambda: self._compensate_timed(weight(), cand, bits, search, "compensation beside the search")
+        )
 
     def _imposed(self, candidate: Candidate, key: WeightKey) -> bool:
         """Put at 8 bits by the options (lm_head: int8) and kept there by the budget."""
