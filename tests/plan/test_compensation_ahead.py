@@ -126,3 +126,25 @@ def test_the_write_takes_the_weights_rounded_beside_the_search(exports, tmp_path
     assert "compensation beside the search" not in report(tmp_path / "write")["seconds_while_writing"]
     data = [(tmp_path / name / "model.onnx.data").read_bytes() for name in ("ahead", "write")]
     assert data[0] == data[1]
+
+
+def test_a_failed_plan_stops_the_background_and_leaves_nothing(exports, tmp_path, private_tmp, monkeypatch):
+    model = exports("qwen2")["fp32-cpu"] / "model.onnx"
+    started = []
+    original = weight_plan.QualityPlan._compensate_ahead
+
+    def counted(self, *args):
+        started.append(args[0])
+        return original(self, *args)
+
+    def fails(*args, **kwargs):
+        raise ValueError("the budget cannot be planned")
+
+    monkeypatch.setattr(weight_plan.QualityPlan, "_compensate_ahead", counted)
+    monkeypatch.setattr(weight_plan, "choose_upgrades", fails)
+    options = QuantizeOptions(quality="balanced", rounding="compensated", calibration_tokens=512)
+    with pytest.raises(ValueError, match="cannot be planned"):
+        quantize_file(model, tmp_path / "out", options, progress=False)
+    assert started  # the background had work when the plan failed
+    assert not list(private_tmp.glob("olive-int4-*")) and not (tmp_path / "out").exists()
+    assert not [t for t in threading.enumerate() if t.name.startswith("compensation-ahead")]
