@@ -168,8 +168,9 @@ class QuantizeOptions:
     sensitivity: str | None = option(
         None,
         "How mixed precision ranks weights: 'error' = each weight's importance-weighted relative error; 'measured' ="
-        " each transformer layer's KL at the logits with that layer quantized, measured on the float model and shared"
-        " among its weights by relative error. Unset: 'error', or the preset's.",
+        " each transformer layer's KL at the logits with that layer quantized as it will be written (compensated, when"
+        " compensating), measured on the float model and shared among its weights by relative error. Unset: 'error',"
+        " or the preset's.",
         choices=SENSITIVITY_CHOICES,
         shown_default="error",
     )

@@ -4,9 +4,11 @@ With a size budget the plan searches every weight's scales before it chooses whi
 writes the model. The search keeps the cores busy with large vectorised operations; compensated rounding, with many
 small ones on one thread, keeps about one core busy. So each weight's compensation is started (at the default
 bits, with the scales just searched) as soon as its search ends, and runs beside the next searches; the write then
-takes the finished weight instead of rounding it. A weight the budget later moves to 8 bits is rounded again by
-the write, and its early result is dropped. A result that cannot be kept (a full temporary disk) is simply left to
-the write to compute; an error of the rounding itself is raised by the write, as if the write had met it.
+takes the finished weight instead of rounding it. The sensitivity probe (``quality: max``) measures each layer with
+these very weights, waiting for them and leaving them for the write. A weight the budget later moves to 8 bits is
+rounded again by the write, and its early result is dropped. A result that cannot be kept (a full temporary
+disk) is left to the write (or the probe) to compute; an error of the rounding itself is raised by the write, as
+if the write had met it.
 """
 
 from __future__ import annotations
@@ -60,18 +62,28 @@ class CompensationAhead:
             future.cancel()
 
     def take(self, key: Hashable) -> QuantizedWeight | None:
+        """The result (waiting for it), whose files then go; None if it was never submitted or not kept."""
         with self._lock:
             future = self._futures.pop(key, None)
-        if future is None:
-            return None
-        entry = future.result()  # an error of the rounding is raised here, by the write
+        return None if future is None else self._load(future, remove=True)
+
+    def peek(self, key: Hashable) -> QuantizedWeight | None:
+        """The result (waiting for it), left for :meth:`take`: what the sensitivity probe measures."""
+        with self._lock:
+            future = self._futures.get(key)
+        return None if future is None else self._load(future, remove=False)
+
+    @staticmethod
+    def _load(future: Future, remove: bool) -> QuantizedWeight | None:
+        entry = future.result()  # an error of the rounding is raised here, by the write (or the probe)
         if entry is None:
             return None
         files, meta = entry
         arrays = {f: np.load(path) if path else None for f, path in files.items()}
-        for path in files.values():
-            if path:
-                path.unlink(missing_ok=True)
+        if remove:
+            for path in files.values():
+                if path:
+                    path.unlink(missing_ok=True)
         return QuantizedWeight(arrays["packed"], arrays["scales"], arrays["zero_points"], *meta)
 
     def close(self) -> None:

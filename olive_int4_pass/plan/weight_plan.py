@@ -262,6 +262,17 @@ class QualityPlan:
             (key, bits), lambda: self._compensate_timed(weight(), cand, bits, search, "compensation beside the search")
         )
 
+    def _probed(self, key: WeightKey, cand: Candidate, bits: int) -> QuantizedWeight:
+        """``cand`` at ``bits`` as the write will round it, for the sensitivity probe: compensated where it will be
+        (the background's result, waited for and left for the write), else with its searched scales."""
+        search = self.searched.get((key, bits))
+        if not self.compensates(cand):
+            return self._quantize_with(cand.weight(), cand.name, bits, search)
+        q = self.ahead.peek((key, bits)) if self.ahead is not None else None
+        if q is None:  # not kept beside the search: rounded now (and again by the write)
+            q = self._compensate_timed(cand.weight(), cand, bits, search, "compensation for the sensitivity probe")
+        return q
+
     def _imposed(self, candidate: Candidate, key: WeightKey) -> bool:
         """Put at 8 bits by the options (lm_head: int8) and kept there by the budget."""
         return candidate.min_bits >= 8 and self.bits.get(key, 8) >= 8
@@ -317,7 +328,7 @@ class QualityPlan:
 
         def replacement(key: WeightKey) -> tuple[str, np.ndarray]:
             cand = candidates[key]
-            q = self._quantize_with(cand.weight(), cand.name, bits, self.searched.get((key, bits)))
+            q = self._probed(key, cand, bits)
             return cand.name, dequantize_blockwise(q, cand.source.dtype.numpy(), transposed=cand.transposed)
 
         groups = group_by_layer({k: c.nodes for k, c in candidates.items()}, {k: c.name for k, c in candidates.items()})

@@ -68,7 +68,7 @@ def test_a_result_that_cannot_be_kept_is_left_to_the_write(private_tmp, monkeypa
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(compensation_ahead.np, "save", full)
+    monkeypatch.setattr(CompensationAhead, "_folder_made", full)
     ahead = CompensationAhead()
     ahead.submit("w", lambda: weights(0, True))
     with caplog.at_level("INFO", logger=compensation_ahead.__name__):
@@ -148,3 +148,48 @@ def test_a_failed_plan_stops_the_background_and_leaves_nothing(exports, tmp_path
     assert started  # the background had work when the plan failed
     assert not list(private_tmp.glob("olive-int4-*")) and not (tmp_path / "out").exists()
     assert not [t for t in threading.enumerate() if t.name.startswith("compensation-ahead")]
+
+
+def test_the_sensitivity_probe_measures_the_compensated_weights(exports, tmp_path, private_tmp, monkeypatch):
+    """`quality: max` ranks layers by the KL their weights cause, measured with the weights as the write rounds
+    them: compensated, taken from the background (waited for, left for the write), which moves the logits less."""
+    model = exports("qwen2")["fp32-cpu"] / "model.onnx"
+    peeked = []
+    original = CompensationAhead.peek
+
+    def counted(self, key):
+        peeked.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(CompensationAhead, "peek", counted)
+    kls = {}
+    for rounding in ("nearest", "compensated"):
+        options = QuantizeOptions(quality="max", rounding=rounding, calibration_tokens=512)
+        quantize_file(model, tmp_path / rounding, options, progress=False)
+        kls[rounding] = report(tmp_path / rounding)["measured_kl_by_group"]
+    assert peeked and all(bits == 4 for _, bits in peeked)
+    assert kls["nearest"].keys() == kls["compensated"].keys()
+    assert sum(kls["compensated"].values()) < 0.8 * sum(kls["nearest"].values())
+    # the write still took every probed weight from the background: none was rounded twice
+    seconds = report(tmp_path / "compensated")["seconds_while_writing"]
+    assert "compensation for the sensitivity probe" not in seconds
+    assert seconds["compensation beside the search"] > 0
+    assert not list(private_tmp.glob("olive-int4-*"))
+
+
+def test_without_room_for_the_background_results_the_model_is_the_same(exports, tmp_path, private_tmp, monkeypatch):
+    model = exports("qwen2")["fp32-cpu"] / "model.onnx"
+    options = QuantizeOptions(quality="max", rounding="compensated", calibration_tokens=512)
+    quantize_file(model, tmp_path / "kept", options, progress=False)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(CompensationAhead, "_folder_made", full)  # the background's results only
+    quantize_file(model, tmp_path / "full", options, progress=False)
+    seconds = report(tmp_path / "full")["seconds_while_writing"]
+    assert seconds["compensation for the sensitivity probe"] > 0  # the probe rounded them itself
+    data = [(tmp_path / name / "model.onnx.data").read_bytes() for name in ("kept", "full")]
+    assert data[0] == data[1]
+    assert report(tmp_path / "kept")["measured_kl_by_group"] == report(tmp_path / "full")["measured_kl_by_group"]
+    assert not list(private_tmp.glob("olive-int4-*"))
