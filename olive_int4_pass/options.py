@@ -23,6 +23,7 @@ LM_HEAD_CHOICES = ("quantize", "int8", "float")
 EMBEDDING_CHOICES = ("float", "int4", "int8")
 SENSITIVITY_CHOICES = ("error", "measured")
 ROUNDING_CHOICES = ("nearest", "compensated", "auto")
+ROTATION_CHOICES = ("none", "residual")
 # Compensated rounding estimates each MatMul input's K x K second moments: fewer tokens than this leave them too
 # rank-deficient to be worth inverting (GPTQ's own default is 128 samples x 2,048 tokens).
 MIN_COMPENSATION_TOKENS = 256
@@ -223,6 +224,18 @@ class QuantizeOptions:
     compensation_block_rows: int = option(
         128, "Compensated rounding: rows rounded between two updates of the rest (a multiple of block_size)."
     )
+    rotation: str = option(
+        "none",
+        "'residual': before quantizing, rotate the decoder's residual stream by a seeded random orthogonal matrix"
+        " (random signs, a random orthogonal factor and a Walsh-Hadamard transform) folded into the weights: the RMS"
+        " norms' weights move into the MatMuls they feed, readers become Q^T W, writers and the embedding W Q. The"
+        " float model computes the same function; outliers are spread over every block, and compensated rounding"
+        " loses less (docs/quality.md). A tied embedding stays tied, with one extra hidden x hidden MatMul before"
+        " the lm_head. Needs a genai-builder decoder with RMS norms; the rotated float model is written to the"
+        " temporary disk first. 'none': the weights as they are (the reference).",
+        choices=ROTATION_CHOICES,
+    )
+    rotation_seed: int = option(0, "The seed of rotation='residual''s random matrix.")
 
     def __post_init__(self) -> None:
         _check_types(self)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import onnx_ir as ir
 
+from olive_int4_pass.genai.files import GENAI_CONFIG, SPECIAL_TOKENS_MAP, TOKENIZER, TOKENIZER_CONFIG
 from olive_int4_pass.model_io import (
     DATA_NAME,
     MODEL_NAME,
@@ -25,10 +27,12 @@ from olive_int4_pass.model_io import (
 )
 from olive_int4_pass.options import DEFAULT_CALIBRATION, QuantizeOptions
 from olive_int4_pass.plan.candidates import plan_graph
+from olive_int4_pass.plan.scratch import make_folder
 from olive_int4_pass.plan.weight_plan import QualityPlan
 from olive_int4_pass.report import REPORT_NAME, QuantizationReport, log_report, log_worst
 from olive_int4_pass.rewrite.embedding_rules import embedding_rules
 from olive_int4_pass.rewrite.matmul_rules import quantization_rules
+from olive_int4_pass.rewrite.rotation import rotate_residual_stream
 from olive_int4_pass.rewrite.state import MS_DOMAIN, QuantizationState
 
 __all__ = ["DATA_NAME", "MODEL_NAME", "REPORT_NAME", "InvalidModelError", "quantize_file", "quantize_model"]
@@ -112,33 +116,66 @@ def quantize_file(
     output_dir = Path(output_dir)
     refuse_overwriting_input(input_path, output_dir, model_name, external_data_name)
     model = load_checked(input_path)
-    report = quantize_model(model, options, input_path, calibration_ids=calibration_ids)
-    if report.num_quantized == 0:
-        logger.warning("No MatMul in %s could be quantized; writing the model unchanged.", input_path)
-
-    def write_report(folder: Path) -> None:
-        report.write(folder)
-        log_worst(report)
-
     # What an earlier run left in output_dir and this one may not bring: its report, the data its model read.
     inputs = {input_path.resolve(), *(p.resolve() for p in input_path.parent.iterdir() if p.is_file())}
     earlier = {REPORT_NAME, *external_locations(output_dir / model_name)}
     replaces = {name for name in earlier if (output_dir / name).resolve() not in inputs}
-
+    rotated = None
     try:
-        return save_atomically(
-            model,
-            output_dir,
-            model_name=model_name,
-            external_data_name=external_data_name,
-            size_threshold=size_threshold,
-            progress=progress,
-            before_publish=write_report if report.num_quantized else None,
-            replaces=replaces,
-        )
+        if options.rotation == "residual":
+            rotated = _rotated_copy(model, input_path, options.rotation_seed, progress)
+            input_path = rotated / input_path.name
+            model = load_checked(input_path)
+        report = quantize_model(model, options, input_path, calibration_ids=calibration_ids)
+        if report.num_quantized == 0:
+            logger.warning("No MatMul in %s could be quantized; writing the model unchanged.", input_path)
+
+        def write_report(folder: Path) -> None:
+            report.write(folder)
+            log_worst(report)
+
+        try:
+            return save_atomically(
+                model,
+                output_dir,
+                model_name=model_name,
+                external_data_name=external_data_name,
+                size_threshold=size_threshold,
+                progress=progress,
+                before_publish=write_report if report.num_quantized else None,
+                replaces=replaces,
+            )
+        finally:
+            if report.release is not None:
+                report.release()
     finally:
-        if report.release is not None:
-            report.release()
+        if rotated is not None:
+            shutil.rmtree(rotated, ignore_errors=True)
+
+
+def _rotated_copy(model: ir.Model, input_path: Path, seed: int, progress: bool | None) -> Path:
+    """The float model with its residual stream rotated (``rotation: residual``), written to a temporary folder with
+    the files calibration reads beside it; the caller removes the folder."""
+    summary = rotate_residual_stream(model, seed)  # checks the whole graph before it changes anything
+    logger.info(
+        "rotation: residual stream of width %d rotated (seed %d): %d readers, %d writers, %d norms folded%s",
+        summary.size,
+        seed,
+        summary.readers,
+        summary.writers,
+        summary.norms,
+        "; the tied embedding kept, with one extra MatMul before the lm_head" if summary.tied else "",
+    )
+    folder = make_folder("olive-int4-rotated-")
+    try:
+        for name in (GENAI_CONFIG, TOKENIZER, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP):
+            if (input_path.parent / name).is_file():
+                shutil.copyfile(input_path.parent / name, folder / name)
+        save_atomically(model, folder, model_name=input_path.name, external_data_name=DATA_NAME, progress=progress)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
 
 
 def _largest_first(graph: ir.Graph, state: QuantizationState) -> None:

@@ -43,6 +43,8 @@ NON_DEFAULT = {
     "compensation_block_rows": (256, ["--compensation-block-rows", "256"]),
     "compensation_max_inputs": (4096, ["--compensation-max-inputs", "4096"]),
     "compensation_span": (4096, ["--compensation-span", "4096"]),
+    "rotation": ("residual", ["--rotation", "residual"]),
+    "rotation_seed": (5, ["--rotation-seed", "5"]),
 }
 
 
