@@ -22,6 +22,9 @@ from olive_int4_pass.options import QuantizeOptions
 
 WeightKey = tuple[int, bool]  # (id of the weight value, quantized transposed)
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+# The hidden x hidden MatMul that rotation='residual' adds before a tied lm_head: not a weight of the model the
+# user gave, so size budgets count its bytes as spent instead of as part of the model they are relative to.
+ROTATION_MIX_WEIGHT = "model.final_norm_rotation.MatMul.weight"
 
 
 @dataclasses.dataclass

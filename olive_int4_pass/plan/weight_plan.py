@@ -24,7 +24,7 @@ from olive_int4_pass.kernels.rtn import QuantizedWeight, dequantize_blockwise, q
 from olive_int4_pass.kernels.scale_search import SearchResult, search_scales
 from olive_int4_pass.options import QuantizeOptions
 from olive_int4_pass.plan.activation_store import ActivationStore
-from olive_int4_pass.plan.candidates import Candidate, WeightKey
+from olive_int4_pass.plan.candidates import ROTATION_MIX_WEIGHT, Candidate, WeightKey
 from olive_int4_pass.plan.compensation_ahead import CompensationAhead
 from olive_int4_pass.plan.search_store import SearchStore
 from olive_int4_pass.plan.sensitivity import ImpactProbe, group_by_layer, measure_groups
@@ -228,7 +228,7 @@ class QualityPlan:
 
         # The budget is growth over the plain symmetric INT4 model (the reference layout): zero points, and the
         # tensors the options already put at 8 bits (lm_head: int8), are paid for out of it first.
-        plain = {key: size(c, default_bits, True) for key, c in candidates.items()}
+        plain = {key: _plain(c, size(c, default_bits, True)) for key, c in candidates.items()}
         sizes = {key: size(c, default_bits) for key, c in candidates.items()}
         extra = {key: size(c, 8) - sizes[key] for key, c in candidates.items()}
         imposed = {key for key, c in candidates.items() if self._imposed(c, key)}
@@ -285,21 +285,27 @@ class QualityPlan:
         def size(c: Candidate, bits: int, symmetric: bool) -> int:
             return quantized_bytes(c.k, c.n, opts.block_size, bits, c.source.dtype.itemsize, symmetric)
 
-        plain = sum(size(c, default_bits, True) for c in candidates.values())
+        plain = sum(_plain(c, size(c, default_bits, True)) for c in candidates.values())
         allowance = (opts.mixed_precision_budget or 0.0) * (plain + fixed_bytes)
-        spent = 0.0
-        if not opts.is_symmetric:
-            spent = sum(size(c, default_bits, False) for c in candidates.values()) - plain
-            if spent > allowance:
-                logger.warning(
-                    "Budget: zero points alone add %.2f MB, more than the %.2f MB allowed (+%.1f %%): quantizing"
-                    " symmetric instead",
-                    spent / 1e6,
-                    allowance / 1e6,
-                    100 * (opts.mixed_precision_budget or 0.0),
-                )
-                self.options = dataclasses.replace(opts, is_symmetric=True)
-                opts, spent = self.options, 0.0
+        spent = sum(size(c, default_bits, opts.is_symmetric) for c in candidates.values()) - plain
+        if not opts.is_symmetric and spent > allowance:
+            logger.warning(
+                "Budget: zero points alone add %.2f MB, more than the %.2f MB allowed (+%.1f %%): quantizing"
+                " symmetric instead",
+                spent / 1e6,
+                allowance / 1e6,
+                100 * (opts.mixed_precision_budget or 0.0),
+            )
+            self.options = opts = dataclasses.replace(opts, is_symmetric=True)
+            spent = sum(size(c, default_bits, True) for c in candidates.values()) - plain
+        if spent > allowance:  # only rotation's extra MatMul is left: it cannot go, the function needs it
+            logger.warning(
+                "Budget: the MatMul rotation='residual' adds before the tied lm_head alone takes %.2f MB, more than"
+                " the %.2f MB allowed (+%.1f %%): the model exceeds its budget by the difference",
+                spent / 1e6,
+                allowance / 1e6,
+                100 * (opts.mixed_precision_budget or 0.0),
+            )
         imposed = sorted(
             (key for key, c in candidates.items() if c.min_bits >= 8),
             key=lambda k: size(candidates[k], 8, opts.is_symmetric),
@@ -419,3 +425,8 @@ def _error_stats(
         error, energy = output_error(e, w)
         stats["output_relative_error"] = float(np.sqrt(max(error, 0.0) / max(energy, 1e-30)))
     return stats
+
+
+def _plain(candidate: Candidate, plain_bytes: int) -> int:
+    """``candidate``'s bytes in the plain INT4 model budgets are relative to: none for the MatMul rotation adds."""
+    return 0 if candidate.name == ROTATION_MIX_WEIGHT else plain_bytes

@@ -25,6 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from olive_int4_pass.kernels.rotation import Rotation
+from olive_int4_pass.plan.candidates import ROTATION_MIX_WEIGHT
 
 __all__ = ["RotationSummary", "rotate_residual_stream"]
 
@@ -205,7 +206,7 @@ def _keep_the_tie(graph: ir.Graph, plan: _Plan, rotation: Rotation) -> None:
     _replace(lm.inputs[1], rotation.rotate_rows)
     dtype = weight.const_value.dtype
     q = rotation.matrix()
-    mix = ir.Value(name="model.final_norm_rotation.MatMul.weight")
+    mix = ir.Value(name=ROTATION_MIX_WEIGHT)
     mix.const_value = ir.tensor((q.T @ (gamma[:, None] * q)).astype(dtype.numpy()), name=mix.name)
     graph.register_initializer(mix)
     mixed = ir.Value(name="/model/final_norm_rotation/MatMul/output_0", type=norm.outputs[0].type)
