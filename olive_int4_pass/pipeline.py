@@ -123,6 +123,11 @@ def quantize_file(
     rotated = None
     try:
         if options.rotation == "residual":
+            if options.rounding == "nearest":
+                logger.warning(
+                    "rotation='residual' with rounding to nearest: on SmolLM2-135M this lost 2.5x RTN's perplexity"
+                    " (docs/quality.md); rotation is meant for rounding='compensated'"
+                )
             rotated = _rotated_copy(model, input_path, options.rotation_seed, progress)
             input_path = rotated / input_path.name
             model = load_checked(input_path)

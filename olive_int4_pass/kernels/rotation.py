@@ -45,18 +45,22 @@ class Rotation:
         """``Q`` itself, for tests and small widths."""
         return self.rotate_columns(np.eye(self.size))
 
-    def rotate_columns(self, w: np.ndarray) -> np.ndarray:
-        """``W Q`` for ``W [k, size]`` (a writer of the stream, the embedding table), float32."""
-        return self._apply(np.asarray(w), axis=1)
+    def rotate_columns(self, w: np.ndarray, dtype: np.dtype = np.float32) -> np.ndarray:
+        """``W Q`` for ``W [k, size]`` (a writer of the stream, the embedding table), computed in float32 and
+        stored as ``dtype``."""
+        return self._apply(np.asarray(w), 1, dtype)
 
-    def rotate_rows(self, w: np.ndarray) -> np.ndarray:
-        """``Qᵀ W`` for ``W [size, n]`` (a reader of the stream), float32."""
-        return self._apply(np.asarray(w), axis=0)
+    def rotate_rows(
+        self, w: np.ndarray, dtype: np.dtype = np.float32, row_scale: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``Qᵀ diag(row_scale) W`` for ``W [size, n]`` (a reader of the stream, a norm's weight folded in),
+        computed in float32 and stored as ``dtype``."""
+        return self._apply(np.asarray(w), 0, dtype, row_scale)
 
-    def _apply(self, w: np.ndarray, axis: int) -> np.ndarray:
+    def _apply(self, w: np.ndarray, axis: int, dtype: np.dtype, row_scale: np.ndarray | None = None) -> np.ndarray:
         if w.ndim != 2 or w.shape[axis] != self.size:
             raise ValueError(f"cannot rotate a {w.shape} tensor on axis {axis}: the stream is {self.size} wide")
-        out = np.empty(w.shape, np.float32)
+        out = np.empty(w.shape, dtype)  # the weight's own dtype: no float32 copy of a whole 7B embedding table
         other = w.shape[1 - axis]
         band = max(1, _BAND_ELEMENTS // self.size)
         a, b = self.size // self.hadamard, self.hadamard
@@ -68,7 +72,8 @@ class Rotation:
                     y = torch.matmul(self._factor_t, y.reshape(c1 - c0, a, b))  # R on the a axis
                     out[c0:c1] = torch.matmul(y, self._walsh).reshape(c1 - c0, self.size).numpy()  # H on b
                 else:  # Qᵀ W = (R ⊗ H)ᵀ diag(s) W, the columns of W [size, n] as they lie
-                    y = torch.from_numpy(np.ascontiguousarray(w[:, c0:c1], np.float32)) * self._signs[:, None]
+                    scale = self._signs if row_scale is None else self._signs * torch.from_numpy(row_scale)
+                    y = torch.from_numpy(np.ascontiguousarray(w[:, c0:c1], np.float32)) * scale[:, None]
                     y = torch.matmul(self._factor_t, y.reshape(a, -1)).reshape(a, b, c1 - c0)
                     out[:, c0:c1] = torch.matmul(self._walsh, y).reshape(self.size, c1 - c0).numpy()
         return out

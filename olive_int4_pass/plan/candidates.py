@@ -39,17 +39,8 @@ class Candidate:
     min_bits: int = 0  # what the options already impose (lm_head: int8), whatever the budget picks
 
     def weight(self) -> np.ndarray:
-        """``W[K, N]`` as an array; external data is read through a private map, unmapped once it is dropped.
-
-        onnx_ir's own map stays open with the tensor and keeps every page read through it resident (the whole
-        float model, in the end).
-        """
-        source = self.source
-        if isinstance(source, ir.ExternalTensor):
-            shape = tuple(int(d) for d in source.shape)
-            array = np.memmap(source.path, dtype=source.dtype.numpy(), mode="r", offset=source.offset or 0, shape=shape)
-        else:
-            array = source.numpy()
+        """``W[K, N]`` as an array, external data read through a private map (see :func:`mapped_array`)."""
+        array = mapped_array(self.source)
         return array.T if self.transposed else array
 
     @property
@@ -241,3 +232,15 @@ def gemm_bias(node: ir.Node) -> ir.Value | bool | None:
     if int(np.prod(shape)) != n or (len(shape) == 2 and shape[0] != 1) or len(shape) > 2:
         return False
     return c
+
+
+def mapped_array(source: ir.TensorProtocol) -> np.ndarray:
+    """``source`` as an array; external data is read through a private map, unmapped once the array is dropped.
+
+    onnx_ir's own map stays open with the tensor and keeps every page read through it resident (the whole float
+    model, in the end).
+    """
+    if isinstance(source, ir.ExternalTensor):
+        shape = tuple(int(d) for d in source.shape)
+        return np.memmap(source.path, dtype=source.dtype.numpy(), mode="r", offset=source.offset or 0, shape=shape)
+    return source.numpy()

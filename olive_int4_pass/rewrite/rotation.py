@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from olive_int4_pass.kernels.rotation import Rotation
-from olive_int4_pass.plan.candidates import ROTATION_MIX_WEIGHT
+from olive_int4_pass.plan.candidates import ROTATION_MIX_WEIGHT, mapped_array
 
 __all__ = ["RotationSummary", "rotate_residual_stream"]
 
@@ -53,7 +53,7 @@ def rotate_residual_stream(model: ir.Model, seed: int = 0) -> RotationSummary:
         for reader in plan.readers[norm]:
             if reader is plan.tied_lm_head:
                 continue
-            _replace(reader.inputs[1], lambda w, g=gamma: rotation.rotate_rows(g[:, None] * w))
+            _replace(reader.inputs[1], lambda w, t, g=gamma: rotation.rotate_rows(w, t, row_scale=g))
     for writer in plan.writers:
         _replace(writer.inputs[1], rotation.rotate_columns)
     if plan.untied_table is not None:
@@ -176,19 +176,19 @@ def _is_float(value: ir.Value) -> bool:
 
 
 def _constant(value: ir.Value, what: str) -> np.ndarray:
-    array = value.const_value.numpy().astype(np.float32)
+    array = np.asarray(mapped_array(value.const_value), np.float32)
     if not np.isfinite(array).all():
         raise ValueError(f"rotation: {what} ({value.name}) is not finite")
     return array
 
 
-def _replace(value: ir.Value, transform: Callable[[np.ndarray], np.ndarray]) -> None:
-    """Give ``value`` a lazy tensor: ``transform`` of its current one, cast back to its dtype, when saved."""
+def _replace(value: ir.Value, transform: Callable[[np.ndarray, np.dtype], np.ndarray]) -> None:
+    """Give ``value`` a lazy tensor: ``transform(its current array, its dtype)``, computed when saved."""
     source = value.const_value
     dtype = source.dtype
 
-    def compute() -> ir.TensorProtocol:
-        return ir.tensor(transform(source.numpy().astype(np.float32)).astype(dtype.numpy()), name=value.name)
+    def compute() -> ir.TensorProtocol:  # through a private map: the float model's pages do not stay resident
+        return ir.tensor(transform(mapped_array(source), dtype.numpy()), name=value.name)
 
     value.const_value = ir.LazyTensor(compute, dtype=dtype, shape=source.shape, name=value.name)
 
@@ -203,7 +203,7 @@ def _keep_the_tie(graph: ir.Graph, plan: _Plan, rotation: Rotation) -> None:
     lm, norm = plan.tied_lm_head, plan.final_norm
     weight = dict(plan.norms)[norm]
     gamma = _constant(weight, f"the weight of {norm.name}")
-    _replace(lm.inputs[1], rotation.rotate_rows)
+    _replace(lm.inputs[1], rotation.rotate_rows)  # no gamma: it went to the extra MatMul
     dtype = weight.const_value.dtype
     q = rotation.matrix()
     mix = ir.Value(name=ROTATION_MIX_WEIGHT)

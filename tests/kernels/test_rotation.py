@@ -53,3 +53,14 @@ def test_half_precision_and_bands():
 def test_a_tensor_of_another_width_is_refused(shape):
     with pytest.raises(ValueError, match="64 wide"):
         Rotation(64).rotate_rows(np.zeros(shape, np.float32))
+
+
+def test_a_folded_row_scale_and_the_stored_dtype():
+    rotation = Rotation(96, seed=4)
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((96, 40)).astype(np.float16)
+    gamma = rng.uniform(0.2, 3.0, 96).astype(np.float32)
+    out = rotation.rotate_rows(w, np.float16, row_scale=gamma)
+    assert out.dtype == np.float16
+    want = rotation.matrix().astype(np.float64).T @ (gamma[:, None] * w.astype(np.float64))
+    np.testing.assert_allclose(out.astype(np.float64), want, rtol=2e-3, atol=2e-3)
