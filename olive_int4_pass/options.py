@@ -229,10 +229,11 @@ class QuantizeOptions:
         "'residual': before quantizing, rotate the decoder's residual stream by a seeded random orthogonal matrix"
         " (random signs, a random orthogonal factor and a Walsh-Hadamard transform) folded into the weights: the RMS"
         " norms' weights move into the MatMuls they feed, readers become Q^T W, writers and the embedding W Q. The"
-        " float model computes the same function; outliers are spread over every block, and compensated rounding"
-        " loses less (docs/quality.md). A tied embedding stays tied, with one extra hidden x hidden MatMul before"
-        " the lm_head. Needs a genai-builder decoder with RMS norms; the rotated float model is written to the"
-        " temporary disk first. 'none': the weights as they are (the reference).",
+        " float model computes the same function; outliers are spread over every block. For rounding='compensated':"
+        " it measured better on SmolLM2-135M and worse on Qwen2.5-Coder-1.5B (docs/quality.md), so no preset uses"
+        " it; check it on your model with olive-int4 compare. A tied embedding stays tied, with one extra hidden x"
+        " hidden MatMul before the lm_head (paid from a size budget). Needs a genai-builder decoder with RMS norms;"
+        " the rotated float model is written to the temporary disk first. 'none': the weights as they are.",
         choices=ROTATION_CHOICES,
     )
     rotation_seed: int = option(0, "The seed of rotation='residual''s random matrix.")

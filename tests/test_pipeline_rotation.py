@@ -74,3 +74,12 @@ def test_a_graph_that_cannot_be_rotated_writes_nothing(exports, tmp_path, privat
         quantize_file(tmp_path / "in/model.onnx", tmp_path / "out", QuantizeOptions(rotation="residual"))
     assert not (tmp_path / "out").exists()
     assert not list(private_tmp.glob("olive-int4-*"))
+
+
+def test_rotation_with_rounding_to_nearest_warns(exports, tmp_path, private_tmp, caplog):
+    model = exports("qwen2", False)["fp32-cpu"] / "model.onnx"
+    with caplog.at_level("WARNING", logger="olive_int4_pass.pipeline"):
+        quantize_file(model, tmp_path / "out", QuantizeOptions(rotation="residual"), progress=False)
+    assert "meant for rounding='compensated'" in caplog.text
+    assert (tmp_path / "out/model.onnx").is_file()
+    assert not list(private_tmp.glob("olive-int4-*"))
