@@ -1,25 +1,33 @@
 """The calibration inputs of the MatMuls to compensate, kept on disk until their weights are rounded.
 
-Compensated rounding needs each MatMul input's full second moments ``H = E[x x^T]`` (``K x K``), but only while that
-weight is being rounded, which happens when the model is written, long after calibration. Keeping ``H`` for every
-input would take ``sum K^2`` floats (44 GB at 7B); the inputs themselves take ``tokens x sum K`` (a fifth of that at
-2,048 tokens, and only disk). So calibration appends each window's inputs here as rows of the model's own float16 (a
-16-bit model: half the disk, exactly) or float32, one file per MatMul input in a temporary folder, and
-:meth:`ActivationStore.second_moments` forms ``H`` from the memory-mapped rows when a weight asks for it, already in
-the weight's rounding order, into the one ``K x K`` buffer the kernel then factorises in place, once per input (q/k/v,
-gate/up share the factor). The output error of the report is estimated from 512 of the rows. The folder is removed by
-:meth:`close`, or when the store is garbage collected; one left by a killed run is removed by the next
-(:mod:`.scratch`).
+Compensated rounding needs each MatMul input's second moments ``H = E[x x^T]``, but only while that weight is being
+rounded, which happens when the model is written, long after calibration. Per input the store keeps whichever is
+smaller on disk:
+
+- the inputs themselves (``tokens x K``, the model's own float16 or float32): ``H`` is formed from the memory-mapped
+  rows when a weight asks for it, already in the weight's rounding order, into the one ``K x K`` buffer the kernel
+  then factorises in place. Keeping ``H`` whole for every input would take ``sum K^2`` floats (44 GB at 7B).
+- with ``compensation_span``, only the diagonal blocks of ``H`` that the runs are rounded against (``K x span``
+  float32 sums, about ``K x 4 KB``), accumulated window by window: the disk no longer grows with the calibration
+  tokens (a 7B model's 16,384 tokens: 3.4 GB of blocks instead of 14 GB of inputs). The sums of the inputs a layer
+  is adding to stay in memory (at most 256 MB) and go to disk when other inputs need the room.
+
+Act-order comes from each channel's sum of squares; the output error of the report is estimated from 512 rows
+spread over the calibration (kept aside in block mode). The weights that read one input (q/k/v, gate/up) share the
+factor. The folder is removed by :meth:`close`, or when the store is garbage collected; one left by a killed run is
+removed by the next (:mod:`.scratch`).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
 import tempfile
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -32,12 +40,42 @@ from olive_int4_pass.plan import scratch
 logger = logging.getLogger(__name__)
 
 _ERROR_ROWS = 512  # the report's output error is estimated on this many kept rows, spread over the calibration
+_CACHE_BYTES = 256 << 20  # block sums held in memory between windows (a 7B layer's are 122 MB)
+
+Runs = Sequence[tuple[int, int]]  # the input channel ranges [r0, r1) compensated together (kernels.gptq.spans)
+
+
+def _block_bytes(runs: Runs) -> int:
+    return 4 * sum((r1 - r0) ** 2 for r0, r1 in runs)
+
+
+def keeps_blocks(k: int, runs: Runs | None, tokens: int) -> bool:
+    """Whether an input of ``k`` channels keeps its runs' blocks of ``H`` rather than ``tokens`` rows of float32."""
+    return runs is not None and _block_bytes(runs) < 4 * tokens * k
+
+
+def _needed(k: int, runs: Runs | None, tokens: int) -> int:
+    if keeps_blocks(k, runs, tokens):
+        return _block_bytes(runs) + 4 * min(tokens, _ERROR_ROWS) * k
+    return 4 * tokens * k
 
 
 class ActivationStore:
-    """Float32 rows of each named activation (``[tokens, K]``), appended window by window."""
+    """Each named activation's rows (``[tokens, K]``) or its runs' blocks of ``H``, appended window by window.
 
-    def __init__(self, widths: Mapping[str, int], directory: str | os.PathLike | None = None) -> None:
+    ``runs`` (``{name: [(r0, r1), ...]}``, optional) are the channel ranges each input's weights are compensated in;
+    with ``tokens`` (the calibration's, known before it runs) they decide which inputs keep blocks
+    (:func:`keeps_blocks`); those can only give ``H`` of channels within one run.
+    """
+
+    def __init__(
+        self,
+        widths: Mapping[str, int],
+        directory: str | os.PathLike | None = None,
+        *,
+        runs: Mapping[str, Runs] | None = None,
+        tokens: int = 0,
+    ) -> None:
         self.widths = dict(widths)
         self.folder = scratch.make_folder("olive-int4-activations-", directory)
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.folder), True)
@@ -46,14 +84,33 @@ class ActivationStore:
         self._orders: dict[str, np.ndarray] = {}
         self._dtypes: dict[str, np.dtype] = {}
         self._lock = threading.Lock()
+        runs = runs or {}
+        self._runs = {
+            name: [tuple(r) for r in runs[name]]
+            for name, k in self.widths.items()
+            if keeps_blocks(k, runs.get(name), tokens)
+        }
+        for name, blocks in self._runs.items():
+            contiguous = all(a[1] == b[0] and a[0] < a[1] for a, b in itertools.pairwise(blocks))
+            if not contiguous or blocks[0][0] != 0 or blocks[-1][1] != self.widths[name]:
+                raise ValueError(f"the runs of {name!r} do not cover its {self.widths[name]} channels in order")
+        self._stride = max(1, -(-tokens // _ERROR_ROWS))  # block mode: every stride-th row is kept for the report
+        self._squares = {name: np.zeros(self.widths[name], np.float64) for name in self._runs}
+        self._cache: OrderedDict[str, object] = OrderedDict()  # name -> torch float32 sums not yet on disk
 
     def __contains__(self, name: object) -> bool:
         return name in self.widths
 
     @staticmethod
-    def check_space(widths: Mapping[str, int], tokens: int, directory: str | os.PathLike | None = None) -> int:
-        """The bytes ``tokens`` rows of every input take; ``ValueError`` when the temporary folder's disk lacks them."""
-        needed = 4 * tokens * sum(widths.values())
+    def check_space(
+        widths: Mapping[str, int],
+        tokens: int,
+        directory: str | os.PathLike | None = None,
+        runs: Mapping[str, Runs] | None = None,
+    ) -> int:
+        """The bytes the store takes for ``tokens`` calibration tokens (float32 rows, or blocks where smaller);
+        ``ValueError`` when the temporary folder's disk lacks them."""
+        needed = sum(_needed(k, (runs or {}).get(name), tokens) for name, k in widths.items())
         where = Path(directory or tempfile.gettempdir())
         free = shutil.disk_usage(where).free
         if needed > free:
@@ -72,13 +129,82 @@ class ActivationStore:
         rows = np.ascontiguousarray(np.asarray(x, dtype).reshape(-1, self.widths[name]))
         if not np.isfinite(rows).all():
             raise ValueError(f"calibration input {name!r} holds NaN or Inf: the float model overflows on this text")
+        if name in self._runs:
+            with self._lock:
+                self._accumulate(name, rows)
+            return
+        self._append(self._files[name], rows)
+        self._rows[name] += rows.shape[0]
+
+    @staticmethod
+    def _append(path: Path, rows: np.ndarray) -> None:
         try:
-            with open(self._files[name], "ab") as f:
+            with open(path, "ab") as f:
                 f.write(rows.tobytes())
         except OSError as e:
             why = describe_os_error(e)
             raise ValueError(f"cannot keep the calibration inputs for compensated rounding: {why}") from e
+
+    def _accumulate(self, name: str, rows: np.ndarray) -> None:
+        """Block mode: add ``rows``' products to the input's runs' sums, keep every stride-th row for the report."""
+        torch = _torch()
+        first = self._rows[name]
+        kept = rows[(-first) % self._stride :: self._stride]
+        if len(kept):
+            self._append(self._sample_file(name), kept)
+        x = np.asarray(rows, np.float32)
+        self._squares[name] += np.einsum("ij,ij->j", x, x, dtype=np.float64)
+        sums = self._cached(name)
+        band = torch.from_numpy(x)
+        for (r0, r1), total in zip(self._runs[name], sums, strict=True):
+            part = band[:, r0:r1]
+            total.addmm_(part.T, part)
         self._rows[name] += rows.shape[0]
+
+    def _sample_file(self, name: str) -> Path:
+        return self._files[name].with_suffix(".rows")
+
+    def _cached(self, name: str) -> list:
+        """The input's block sums in memory (loaded from disk if they went there), others flushed to make room."""
+        if name in self._cache:
+            self._cache.move_to_end(name)
+            return self._cache[name]
+        torch = _torch()
+        size = _block_bytes(self._runs[name])
+        while self._cache and sum(_block_bytes(self._runs[n]) for n in self._cache) + size > _CACHE_BYTES:
+            self._flush(next(iter(self._cache)))
+        path = self._files[name]
+        if path.exists():
+            flat = torch.from_numpy(np.fromfile(path, np.float32))
+        else:
+            flat = torch.zeros(size // 4, dtype=torch.float32)
+        sums, at = [], 0
+        for r0, r1 in self._runs[name]:
+            n = r1 - r0
+            sums.append(flat[at : at + n * n].view(n, n))
+            at += n * n
+        self._cache[name] = sums
+        return sums
+
+    def _flush(self, name: str) -> None:
+        sums = self._cache.pop(name)
+        flat = np.concatenate([s.numpy().reshape(-1) for s in sums])
+        try:
+            flat.tofile(self._files[name])
+        except OSError as e:
+            why = describe_os_error(e)
+            raise ValueError(f"cannot keep the calibration statistics for compensated rounding: {why}") from e
+
+    def _block_sums(self, name: str) -> list[np.ndarray]:
+        while self._cache:  # calibration is over: its sums go to disk, and the memory they held is freed
+            self._flush(next(iter(self._cache)))
+        flat = np.memmap(self._files[name], dtype=np.float32, mode="r")
+        sums, at = [], 0
+        for r0, r1 in self._runs[name]:
+            n = r1 - r0
+            sums.append(flat[at : at + n * n].reshape(n, n))
+            at += n * n
+        return sums
 
     def tokens(self, name: str) -> int:
         return self._rows[name]
@@ -87,9 +213,13 @@ class ActivationStore:
         """The input channels by decreasing ``E[x_k^2]`` (ties in channel order): GPTQ's act-order."""
         with self._lock:
             if name not in self._orders:
-                squares = np.zeros(self.widths[name], np.float64)
-                for rows in self._bands(name):
-                    squares += np.einsum("ij,ij->j", rows, rows, dtype=np.float64)
+                if name in self._runs:
+                    self._check_seen(name)
+                    squares = self._squares[name]
+                else:
+                    squares = np.zeros(self.widths[name], np.float64)
+                    for rows in self._bands(name):
+                        squares += np.einsum("ij,ij->j", rows, rows, dtype=np.float64)
                 self._orders[name] = np.argsort(-squares, kind="stable")
             return self._orders[name]
 
@@ -111,26 +241,37 @@ class ActivationStore:
         e, w = np.asarray(error, np.float32), np.asarray(weight, np.float32)
         stride = max(1, -(-self._rows[name] // _ERROR_ROWS))
         count = 0
-        for rows in self._bands(name, stride):
+        bands = self._sample_bands(name) if name in self._runs else self._bands(name, stride)
+        for rows in bands:
             err += float(np.square(rows @ e, dtype=np.float64).sum())
             energy += float(np.square(rows @ w, dtype=np.float64).sum())
             count += rows.shape[0]
         return err / max(count, 1), energy / max(count, 1)
 
+    def _check_seen(self, name: str) -> None:
+        if self._rows[name] == 0:
+            raise ValueError(f"calibration saw no values for {name!r}")
+
+    def _sample_bands(self, name: str):
+        self._check_seen(name)
+        k = self.widths[name]
+        x = np.fromfile(self._sample_file(name), self._dtypes[name]).reshape(-1, k)
+        yield np.asarray(x, np.float32)
+
     def _bands(self, name: str, stride: int = 1):
         """The kept rows (every ``stride``-th), as float32, about 64 MB at a time."""
+        self._check_seen(name)
         count, k = self._rows[name], self.widths[name]
-        if count == 0:
-            raise ValueError(f"calibration saw no values for {name!r}")
         x = np.memmap(self._files[name], dtype=self._dtypes[name], mode="r", shape=(count, k))[::stride]
         step = max(256, (1 << 24) // k)
         for start in range(0, x.shape[0], step):
             yield np.array(x[start : start + step], np.float32)
 
     def _compute(self, name: str, orders: Sequence[np.ndarray | None]) -> list[np.ndarray]:
-        torch = streaming_rtn._torch()
-        if torch is None:
-            raise ImportError("compensated rounding needs torch (installed with olive-ai)")
+        if name in self._runs:
+            with self._lock:
+                return self._from_blocks(name, orders)
+        torch = _torch()
         sizes = [self.widths[name] if order is None else len(order) for order in orders]
         totals = [torch.zeros((k, k), dtype=torch.float32) for k in sizes]  # 1.4 GB at K = 18,944, whole
         for rows in self._bands(name):
@@ -139,8 +280,32 @@ class ActivationStore:
                 total.addmm_(band.T, band)
         return [total.div_(self._rows[name]).numpy() for total in totals]
 
+    def _from_blocks(self, name: str, orders: Sequence[np.ndarray | None]) -> list[np.ndarray]:
+        """Block mode: each order's ``H`` cut from its run's sums (the order must lie within one run)."""
+        self._check_seen(name)
+        sums, count = self._block_sums(name), np.float32(self._rows[name])
+        out = []
+        for order in orders:
+            channels = np.arange(self.widths[name]) if order is None else np.asarray(order)
+            for (r0, r1), total in zip(self._runs[name], sums, strict=True):
+                if r0 <= channels.min() and channels.max() < r1:
+                    local = channels - r0
+                    out.append(np.asarray(total[np.ix_(local, local)], np.float32) / count)
+                    break
+            else:
+                raise ValueError(f"{name!r} keeps H in runs {self._runs[name]}: channels across runs were asked for")
+        return out
+
     def close(self) -> None:
+        self._cache.clear()
         self._finalizer()
+
+
+def _torch():
+    torch = streaming_rtn._torch()
+    if torch is None:
+        raise ImportError("compensated rounding needs torch (installed with olive-ai)")
+    return torch
 
 
 def widths_of(activations: Iterable[tuple[str, int]]) -> dict[str, int]:

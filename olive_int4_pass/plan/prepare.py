@@ -13,8 +13,9 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from olive_int4_pass.options import AUTO_COMPENSATION_TOKENS, MIN_COMPENSATION_TOKENS
-from olive_int4_pass.plan.activation_store import ActivationStore, widths_of
+from olive_int4_pass.kernels.gptq import spans
+from olive_int4_pass.options import AUTO_COMPENSATION_TOKENS, MIN_COMPENSATION_TOKENS, QuantizeOptions
+from olive_int4_pass.plan.activation_store import ActivationStore, keeps_blocks, widths_of
 from olive_int4_pass.plan.calibration import (
     _sequences,
     check_calibration_ids,
@@ -55,8 +56,9 @@ def prepare_quality_plan(
     keep = None
     cap = opts.compensation_max_inputs
     compensated = [c for c in candidates.values() if c.activation and (cap is None or c.k <= cap)]
-    if opts.rounding == "compensated" or (opts.rounding == "auto" and _auto_compensates(compensated, num_tokens)):
-        quality.activations = _activation_store(compensated, num_tokens)
+    runs = _runs(compensated, opts)
+    if opts.rounding == "compensated" or (opts.rounding == "auto" and _auto_compensates(compensated, num_tokens, runs)):
+        quality.activations = _activation_store(compensated, num_tokens, runs)
         quality.compensation_users.update(c.activation for c in compensated)
         keep = quality.activations.add
     try:
@@ -83,7 +85,14 @@ def prepare_quality_plan(
     return seconds
 
 
-def _auto_compensates(candidates: list[Candidate], num_tokens: int) -> bool:
+def _runs(candidates: list[Candidate], opts: QuantizeOptions) -> dict[str, list[tuple[int, int]]] | None:
+    """Each compensated input's runs of channels (``compensation_span``): the blocks of ``H`` the store may keep."""
+    if opts.compensation_span is None:
+        return None
+    return {c.activation: spans(c.k, opts.block_size, opts.compensation_span) for c in candidates}
+
+
+def _auto_compensates(candidates: list[Candidate], num_tokens: int, runs: dict | None = None) -> bool:
     """``rounding='auto'``: compensate with enough calibration tokens and temporary disk; the log says which."""
     if not candidates:
         return False
@@ -96,7 +105,7 @@ def _auto_compensates(candidates: list[Candidate], num_tokens: int) -> bool:
         )
         return False
     try:
-        ActivationStore.check_space(widths_of((c.activation, c.k) for c in candidates), num_tokens)
+        ActivationStore.check_space(widths_of((c.activation, c.k) for c in candidates), num_tokens, runs=runs)
     except ValueError as e:
         logger.warning("Rounding to nearest instead of compensated (rounding='auto'): %s", e)
         return False
@@ -104,7 +113,7 @@ def _auto_compensates(candidates: list[Candidate], num_tokens: int) -> bool:
     return True
 
 
-def _activation_store(candidates: list[Candidate], num_tokens: int) -> ActivationStore:
+def _activation_store(candidates: list[Candidate], num_tokens: int, runs: dict | None = None) -> ActivationStore:
     """Where calibration keeps the inputs of the weights to compensate; refuses too few tokens or too little disk."""
     if num_tokens < MIN_COMPENSATION_TOKENS:
         raise ValueError(
@@ -122,9 +131,17 @@ def _activation_store(candidates: list[Candidate], num_tokens: int) -> Activatio
             widest,
             num_tokens,
         )
-    needed = ActivationStore.check_space(widths, num_tokens)
-    store = ActivationStore(widths)
-    logger.info("Compensated rounding: keeping %.2f GB of calibration inputs in %s", needed / 1e9, store.folder)
+    needed = ActivationStore.check_space(widths, num_tokens, runs=runs)
+    store = ActivationStore(widths, runs=runs, tokens=num_tokens)
+    blocks = sum(keeps_blocks(k, (runs or {}).get(name), num_tokens) for name, k in widths.items())
+    logger.info(
+        "Compensated rounding: keeping %.2f GB of calibration statistics in %s (%d inputs as their blocks of H, %d"
+        " as rows)",
+        needed / 1e9,
+        store.folder,
+        blocks,
+        len(widths) - blocks,
+    )
     return store
 
 

@@ -83,3 +83,74 @@ def test_the_blocks_of_several_runs_in_one_pass_equal_each_formed_alone(tmp_path
     blocks[0][:] = 0
     assert store.second_moment_blocks("a", runs[:1])[0].any()
     store.close()
+
+
+def test_with_runs_it_keeps_their_blocks_of_h_and_the_same_statistics(tmp_path, monkeypatch):
+    """Block mode (``compensation_span``): each run's diagonal block of H is summed window by window, so the disk
+    holds ``sum run^2`` floats whatever the token count; the blocks, act-order and the report's output error are
+    those of keeping every row. Two inputs interleaved through a cache that holds one: sums go to disk and back."""
+    from olive_int4_pass.plan import activation_store
+
+    monkeypatch.setattr(activation_store, "_ERROR_ROWS", 50)
+    monkeypatch.setattr(activation_store, "_CACHE_BYTES", 4 * 64 * 64)  # one input's sums at a time
+    rng = np.random.default_rng(7)
+    widths = {"a": 96, "b": 64}
+    runs = {"a": [(0, 64), (64, 96)], "b": [(0, 64)]}
+    sizes = (100, 37, 256, 1)
+    tokens = sum(sizes)
+    blocks = ActivationStore(widths, tmp_path, runs=runs, tokens=tokens)
+    rows = ActivationStore(widths, tmp_path)
+    for n in sizes:
+        x = (rng.normal(size=(1, n, 96)) * np.linspace(0.2, 2, 96)).astype(np.float32)
+        for store in (blocks, rows):
+            store.add("a", x)
+            store.add("b", x[..., 16:80].astype(np.float16))
+    assert blocks.tokens("a") == blocks.tokens("b") == tokens
+    for name in widths:
+        np.testing.assert_array_equal(blocks.act_order(name), rows.act_order(name))
+    order = rows.act_order("a")
+    asked = [order[order < 64], order[order >= 64]]
+    for got, want in zip(blocks.second_moment_blocks("a", asked), rows.second_moment_blocks("a", asked), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(blocks.second_moments("b"), rows.second_moments("b"), rtol=1e-5, atol=1e-6)
+    e, w = rng.normal(size=(96, 4)), rng.normal(size=(96, 4))
+    for got, want in zip(blocks.output_error("a", e, w), rows.output_error("a", e, w), strict=True):
+        assert got == pytest.approx(want, rel=1e-5)
+    # the disk: the blocks' float32 sums and the report's rows, not every row
+    sizes_on_disk = {p.name: p.stat().st_size for p in blocks.folder.iterdir()}
+    kept_rows = len(range(0, tokens, -(-tokens // 50)))
+    assert sorted(sizes_on_disk.values()) == sorted(
+        [4 * (64 * 64 + 32 * 32), 4 * 64 * 64, kept_rows * 96 * 4, kept_rows * 64 * 2]
+    )
+    with pytest.raises(ValueError, match="across runs"):
+        blocks.second_moments("a", np.arange(60, 70))
+    folder = blocks.folder
+    blocks.close()
+    rows.close()
+    assert not folder.exists()
+
+
+def test_which_inputs_keep_blocks_and_the_space_they_need(tmp_path):
+    from olive_int4_pass.plan.activation_store import keeps_blocks
+
+    runs = [(0, 1024), (1024, 2048)]
+    assert keeps_blocks(2048, runs, 4096)  # 8 MB of blocks against 32 MB of rows
+    assert not keeps_blocks(2048, runs, 512)  # fewer tokens than a run is wide: rows are smaller
+    assert not keeps_blocks(2048, None, 10**6)  # no span: H whole would be K^2
+    widths = {"a": 2048, "b": 512}
+    needed = ActivationStore.check_space(widths, 16384, tmp_path, runs={"a": runs})
+    assert needed == 4 * 2 * 1024 * 1024 + 4 * 512 * 2048 + 4 * 16384 * 512  # blocks + report rows; b as rows
+    with pytest.raises(ValueError, match="do not cover"):
+        ActivationStore({"a": 96}, tmp_path, runs={"a": [(0, 64), (70, 96)]}, tokens=1000)
+
+
+def test_a_disk_that_fails_while_block_sums_move_there_is_a_clear_error(tmp_path, monkeypatch):
+    from olive_int4_pass.plan import activation_store
+
+    monkeypatch.setattr(activation_store, "_CACHE_BYTES", 4 * 8 * 8)  # one input's sums at a time
+    store = ActivationStore({"a": 8, "b": 8}, tmp_path, runs={"a": [(0, 8)], "b": [(0, 8)]}, tokens=100)
+    store.add("a", np.ones((10, 8), np.float32))
+    store._files["a"].mkdir()  # the sums of "a" cannot be written where they go
+    with pytest.raises(ValueError, match="cannot keep the calibration statistics"):
+        store.add("b", np.ones((10, 8), np.float32))
+    store.close()

@@ -248,3 +248,28 @@ def test_h_is_formed_once_per_input(exports, tmp_path, private_tmp, monkeypatch)
     quantize_file(model, tmp_path / "each", options, progress=False)
     assert len(formed) == len(weights)  # nothing kept: every weight forms its own
     assert (tmp_path / "each" / "model.onnx.data").read_bytes() == shared
+
+
+def test_with_a_span_the_blocks_of_h_replace_the_kept_inputs(exports, tmp_path, private_tmp, monkeypatch, caplog):
+    """With ``compensation_span`` calibration keeps each run's block of H instead of the inputs: the disk no longer
+    grows with the tokens, and the model is the one the kept inputs give (float32 sums in another order aside)."""
+    from olive_int4_pass.plan import activation_store, prepare
+
+    model = exports("qwen2")["fp32-cpu"] / "model.onnx"
+    common = {"calibration": "default", "calibration_tokens": 768}
+    options = QuantizeOptions(rounding="compensated", compensation_span=32, **common)
+    with caplog.at_level("INFO"):
+        quantize_file(model, tmp_path / "blocks", options, progress=False)
+    assert "inputs as their blocks of H, 0 as rows" in caplog.text
+    monkeypatch.setattr(prepare, "keeps_blocks", lambda *a: False)
+    monkeypatch.setattr(activation_store, "keeps_blocks", lambda *a: False)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        quantize_file(model, tmp_path / "rows", options, progress=False)
+    assert "0 inputs as their blocks of H" in caplog.text
+    a, b = (np.frombuffer((tmp_path / n / "model.onnx.data").read_bytes(), np.uint8) for n in ("blocks", "rows"))
+    assert a.shape == b.shape and np.mean(a != b) < 0.01
+    blocks, rows = (report(tmp_path / n)["weights_worst_first"] for n in ("blocks", "rows"))
+    for name, w in rows.items():
+        assert blocks[name]["output_relative_error"] == pytest.approx(w["output_relative_error"], rel=0.05, abs=1e-4)
+    assert not kept_inputs(private_tmp)
