@@ -189,8 +189,9 @@ class QuantizeOptions:
         "'nearest': every value to its nearest level (the reference). 'compensated': error-compensated rounding"
         " (GPTQ): each input row's rounding error is pushed onto the rows not yet rounded, through the inverse of the"
         " input's second moments E[x x^T] from calibration; the same format and size. Needs calibration (at least"
-        f" {MIN_COMPENSATION_TOKENS} tokens) and temporary disk for the calibration inputs. 'auto': compensated when"
-        f" calibration gives at least {AUTO_COMPENSATION_TOKENS:,} tokens and the temporary disk holds their inputs,"
+        f" {MIN_COMPENSATION_TOKENS} tokens) and temporary disk for the calibration inputs (with compensation_span:"
+        " for their blocks of E[x x^T], 4 KB per input channel whatever the tokens). 'auto': compensated when"
+        f" calibration gives at least {AUTO_COMPENSATION_TOKENS:,} tokens and the temporary disk holds what it keeps,"
         " else nearest; the log says which. Unset: 'nearest', or 'auto' under a quality preset.",
         choices=ROUNDING_CHOICES,
         shown_default="nearest",
@@ -218,7 +219,8 @@ class QuantizeOptions:
         "Compensated rounding: at most this many input channels are compensated together. A weight with more is"
         " split into equal runs of whole blocks, each rounded against its own diagonal block of E[x x^T] (no error"
         " passes between runs): the updates cost K x span x N instead of K^2 x N, the inverse K x span^2 instead of"
-        " K^3. Unset: the whole weight at once, or 1,024 under a quality preset.",
+        " K^3. Calibration then keeps only those blocks (K x span floats) instead of the inputs, so more"
+        " calibration tokens need no more disk. Unset: the whole weight at once, or 1,024 under a quality preset.",
         shown_default="whole weight",
     )
     compensation_block_rows: int = option(
