@@ -103,3 +103,24 @@ def test_a_graph_without_layers_falls_back_and_says_why(tmp_path, caplog):
     assert "cannot be cut into layers" in caplog.text
     expected = (inits["E"][np.arange(40)].astype(np.float64) ** 2).mean(axis=0)  # E[x^2] by hand
     np.testing.assert_allclose(moments["h"], expected, rtol=1e-6)
+
+
+def test_compensated_blocks_of_h_are_the_same_either_way(exports, tmp_path, monkeypatch, caplog):
+    """With a span, calibration sums each run's block of H: layer by layer they stay in memory until the layer is
+    done; the whole model adds every input each window, through a cache that here holds one input's sums, so they
+    go to disk and back. The bytes are the same."""
+    from olive_int4_pass.plan import activation_store
+
+    model = exports("qwen2")["fp32-cpu"] / "model.onnx"
+    options = QuantizeOptions(quality="balanced", rounding="compensated", compensation_span=32, calibration_tokens=768)
+    with caplog.at_level(logging.INFO):
+        layered = quantize_file(model, tmp_path / "layered", options, progress=False)
+    assert "as their blocks of H, 0 as rows" in caplog.text
+    monkeypatch.setattr(activation_store, "_CACHE_BYTES", 1)
+    original = calibration.input_second_moments
+    monkeypatch.setattr(calibration, "input_second_moments", lambda *a, **k: original(*a, **{**k, "layerwise": False}))
+    import olive_int4_pass.plan.prepare as prepare
+
+    monkeypatch.setattr(prepare, "input_second_moments", calibration.input_second_moments)
+    whole = quantize_file(model, tmp_path / "whole", options, progress=False)
+    assert (layered.parent / "model.onnx.data").read_bytes() == (whole.parent / "model.onnx.data").read_bytes()
