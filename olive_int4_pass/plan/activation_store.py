@@ -49,13 +49,17 @@ def _block_bytes(runs: Runs) -> int:
     return 4 * sum((r1 - r0) ** 2 for r0, r1 in runs)
 
 
-def keeps_blocks(k: int, runs: Runs | None, tokens: int) -> bool:
-    """Whether an input of ``k`` channels keeps its runs' blocks of ``H`` rather than ``tokens`` rows of float32."""
-    return runs is not None and _block_bytes(runs) < 4 * tokens * k
+def keeps_blocks(k: int, runs: Runs | None, tokens: int, row_bytes: int = 4) -> bool:
+    """Whether an input of ``k`` channels takes less disk as its runs' blocks of ``H`` (and the report's rows) than
+    as ``tokens`` rows of ``row_bytes`` values (2: a 16-bit model's inputs)."""
+    if runs is None:
+        return False
+    return _block_bytes(runs) + row_bytes * min(tokens, _ERROR_ROWS) * k < row_bytes * tokens * k
 
 
 def _needed(k: int, runs: Runs | None, tokens: int) -> int:
-    if keeps_blocks(k, runs, tokens):
+    """Disk for one input: float32 rows (the space check's bound for either dtype), or its blocks when ``runs``."""
+    if runs is not None:
         return _block_bytes(runs) + 4 * min(tokens, _ERROR_ROWS) * k
     return 4 * tokens * k
 
@@ -63,9 +67,9 @@ def _needed(k: int, runs: Runs | None, tokens: int) -> int:
 class ActivationStore:
     """Each named activation's rows (``[tokens, K]``) or its runs' blocks of ``H``, appended window by window.
 
-    ``runs`` (``{name: [(r0, r1), ...]}``, optional) are the channel ranges each input's weights are compensated in;
-    with ``tokens`` (the calibration's, known before it runs) they decide which inputs keep blocks
-    (:func:`keeps_blocks`); those can only give ``H`` of channels within one run.
+    ``runs`` (``{name: [(r0, r1), ...]}``, optional): the inputs that keep blocks (:func:`keeps_blocks`), with the
+    channel ranges their weights are compensated in; they can only give ``H`` of channels within one run.
+    ``tokens``: the calibration's, known before it runs (spreads the report's rows over it).
     """
 
     def __init__(
@@ -85,11 +89,7 @@ class ActivationStore:
         self._dtypes: dict[str, np.dtype] = {}
         self._lock = threading.Lock()
         runs = runs or {}
-        self._runs = {
-            name: [tuple(r) for r in runs[name]]
-            for name, k in self.widths.items()
-            if keeps_blocks(k, runs.get(name), tokens)
-        }
+        self._runs = {name: [tuple(r) for r in runs[name]] for name in self.widths if name in runs}
         for name, blocks in self._runs.items():
             contiguous = all(a[1] == b[0] and a[0] < a[1] for a, b in itertools.pairwise(blocks))
             if not contiguous or blocks[0][0] != 0 or blocks[-1][1] != self.widths[name]:
@@ -108,8 +108,8 @@ class ActivationStore:
         directory: str | os.PathLike | None = None,
         runs: Mapping[str, Runs] | None = None,
     ) -> int:
-        """The bytes the store takes for ``tokens`` calibration tokens (float32 rows, or blocks where smaller);
-        ``ValueError`` when the temporary folder's disk lacks them."""
+        """The bytes the store takes for ``tokens`` calibration tokens (float32 rows, or the blocks of the inputs in
+        ``runs``); ``ValueError`` when the temporary folder's disk lacks them."""
         needed = sum(_needed(k, (runs or {}).get(name), tokens) for name, k in widths.items())
         where = Path(directory or tempfile.gettempdir())
         free = shutil.disk_usage(where).free

@@ -56,7 +56,7 @@ def prepare_quality_plan(
     keep = None
     cap = opts.compensation_max_inputs
     compensated = [c for c in candidates.values() if c.activation and (cap is None or c.k <= cap)]
-    runs = _runs(compensated, opts)
+    runs = _runs(compensated, opts, num_tokens)
     if opts.rounding == "compensated" or (opts.rounding == "auto" and _auto_compensates(compensated, num_tokens, runs)):
         quality.activations = _activation_store(compensated, num_tokens, runs)
         quality.compensation_users.update(c.activation for c in compensated)
@@ -85,11 +85,18 @@ def prepare_quality_plan(
     return seconds
 
 
-def _runs(candidates: list[Candidate], opts: QuantizeOptions) -> dict[str, list[tuple[int, int]]] | None:
-    """Each compensated input's runs of channels (``compensation_span``): the blocks of ``H`` the store may keep."""
+def _runs(candidates: list[Candidate], opts: QuantizeOptions, num_tokens: int) -> dict[str, list] | None:
+    """The compensated inputs that keep their runs' blocks of ``H`` (``compensation_span``) rather than their rows,
+    because the blocks take less disk, with those runs."""
     if opts.compensation_span is None:
         return None
-    return {c.activation: spans(c.k, opts.block_size, opts.compensation_span) for c in candidates}
+    runs = {}
+    for c in candidates:
+        row_bytes = 2 if c.source.dtype == ir.DataType.FLOAT16 else 4  # the activations' dtype is the weights'
+        its = spans(c.k, opts.block_size, opts.compensation_span)
+        if keeps_blocks(c.k, its, num_tokens, row_bytes):
+            runs[c.activation] = its
+    return runs
 
 
 def _auto_compensates(candidates: list[Candidate], num_tokens: int, runs: dict | None = None) -> bool:
@@ -133,7 +140,7 @@ def _activation_store(candidates: list[Candidate], num_tokens: int, runs: dict |
         )
     needed = ActivationStore.check_space(widths, num_tokens, runs=runs)
     store = ActivationStore(widths, runs=runs, tokens=num_tokens)
-    blocks = sum(keeps_blocks(k, (runs or {}).get(name), num_tokens) for name, k in widths.items())
+    blocks = len(runs or {})
     logger.info(
         "Compensated rounding: keeping %.2f GB of calibration statistics in %s (%d inputs as their blocks of H, %d"
         " as rows)",

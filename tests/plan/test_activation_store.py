@@ -137,6 +137,8 @@ def test_which_inputs_keep_blocks_and_the_space_they_need(tmp_path):
     assert keeps_blocks(2048, runs, 4096)  # 8 MB of blocks against 32 MB of rows
     assert not keeps_blocks(2048, runs, 512)  # fewer tokens than a run is wide: rows are smaller
     assert not keeps_blocks(2048, None, 10**6)  # no span: H whole would be K^2
+    # a 16-bit model's rows take half: at 2,048 tokens they beat 8 MB of blocks plus the report's 512 rows
+    assert keeps_blocks(2048, runs, 2048, row_bytes=4) and not keeps_blocks(2048, runs, 2048, row_bytes=2)
     widths = {"a": 2048, "b": 512}
     needed = ActivationStore.check_space(widths, 16384, tmp_path, runs={"a": runs})
     assert needed == 4 * 2 * 1024 * 1024 + 4 * 512 * 2048 + 4 * 16384 * 512  # blocks + report rows; b as rows
