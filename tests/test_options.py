@@ -193,3 +193,23 @@ def test_only_public_onnxscript_api():
         if "onnxscript.rewriter._" in p.read_text(encoding="utf-8")
     ]
     assert offenders == []
+
+
+def test_a_preset_on_your_own_text_takes_more_calibration_tokens():
+    from olive_int4_pass.options import DEFAULT_CALIBRATION_TOKENS, PRESET_OWN_TEXT_TOKENS
+
+    assert QuantizeOptions().calibration_tokens == DEFAULT_CALIBRATION_TOKENS == 2048
+    assert QuantizeOptions(quality="balanced").calibration_tokens == 2048  # the built-in text (about 2,500 tokens)
+    assert QuantizeOptions(calibration="my.txt").calibration_tokens == 2048  # no preset: calibration only measures
+    assert QuantizeOptions(quality="max", calibration="my.txt").calibration_tokens == PRESET_OWN_TEXT_TOKENS == 16384
+    assert QuantizeOptions(quality="max", calibration="my.txt", calibration_tokens=4096).calibration_tokens == 4096
+    from olive_int4_pass.olive.quantize_pass import _options_from
+
+    def olive(values):
+        return _options_from(OnnxInt4RtnQuantization.generate_config(SPEC, values, {}, True)).calibration_tokens
+
+    dc = {"data_config": {"name": "d", "type": "HuggingfaceContainer"}}
+    assert olive({"quality": "balanced", **dc}) == 16384  # an Olive data_config is the user's own text
+    assert olive({"quality": "balanced", "calibration_tokens": 1024, **dc}) == 1024
+    assert olive({"scale_search": True, **dc}) == 2048
+    assert olive({"quality": "balanced"}) == 2048

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from pydantic import model_validator
 
 from olive_int4_pass import options as schema
 from olive_int4_pass.olive.common import fails_loudly, plugin_version_param
-from olive_int4_pass.options import QuantizeOptions
+from olive_int4_pass.options import PRESET_OWN_TEXT_TOKENS, QuantizeOptions
 from olive_int4_pass.pipeline import DATA_NAME, MODEL_NAME, quantize_file
 from olive_int4_pass.plan.calibration import DEFAULT_TEXT, token_ids_from_batches
 
@@ -141,11 +140,15 @@ def _param(field) -> PassConfigParam:
 
 
 def _options_from(config) -> QuantizeOptions:
-    """The pass config's options; a data_config is the calibration source ("default" stands for it)."""
-    options = QuantizeOptions.from_mapping(config)
-    if getattr(config, "data_config", None) is not None:
-        options = dataclasses.replace(options, calibration=DEFAULT_TEXT)
-    return options
+    """The pass config's options; a data_config is the calibration source ("default" stands for it, so options that
+    need calibration accept it) and the user's own data (a preset takes up to 16,384 of its tokens)."""
+    if getattr(config, "data_config", None) is None:
+        return QuantizeOptions.from_mapping(config)
+    values = {f.name: getattr(config, f.name, f.default) for f in schema.fields()}
+    values["calibration"] = DEFAULT_TEXT
+    if values["quality"] and values["calibration_tokens"] is None:
+        values["calibration_tokens"] = PRESET_OWN_TEXT_TOKENS
+    return QuantizeOptions.from_mapping(values)
 
 
 def _validate_config(config):
