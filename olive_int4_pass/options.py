@@ -36,6 +36,13 @@ AUTO_COMPENSATION_TOKENS = 4096
 # the built-in text has about 2,500.
 DEFAULT_CALIBRATION_TOKENS = 2048
 PRESET_OWN_TEXT_TOKENS = 16384
+# compensation_damping when unset, per input: the damping stands in for what too few tokens leave unknown of H. With
+# 1-4 calibration tokens per compensated input channel 0.1 beat 0.01 on both real models; with 21-28 (SmolLM2-135M,
+# 16,384 tokens) 0.01 beat 0.1 under every setting, and with 16 (Qwen2.5-1.5B, runs of 1,024) they were equal
+# (docs/results.md).
+DAMPING = 0.1
+LOW_DAMPING = 0.01
+LOW_DAMPING_TOKENS_PER_CHANNEL = 16
 # Named quality presets: option values applied where the user left the option unset. Both calibrate on the built-in
 # text by default; the budget is the whole model's growth over plain INT4, an lm_head at 8 bits included. Measured
 # on a real 1.5B model: docs/results.md.
@@ -208,11 +215,14 @@ class QuantizeOptions:
         choices=ROUNDING_CHOICES,
         shown_default="nearest",
     )
-    compensation_damping: float = option(
-        0.1,
+    compensation_damping: float | None = option(
+        None,
         "Compensated rounding: added to E[x x^T]'s diagonal as a fraction of its mean (GPTQ's percdamp), raised"
-        " tenfold while the matrix is singular. 0.1 measured better than GPTQ's usual 0.01 on a real model with"
-        " 2,048 calibration tokens (docs/quality.md).",
+        " tenfold while the matrix is singular. Unset: per input, 0.01 when calibration gives at least"
+        f" {LOW_DAMPING_TOKENS_PER_CHANNEL} tokens per input channel compensated together (the weight's K, or its"
+        f" compensation_span runs), else 0.1: with few tokens per channel 0.1 measured better on both real models,"
+        " with many 0.01 (docs/results.md).",
+        shown_default=f"0.1 (0.01 from {LOW_DAMPING_TOKENS_PER_CHANNEL} tokens per channel)",
     )
     act_order: bool = option(
         True,
@@ -297,7 +307,7 @@ class QuantizeOptions:
                 f" calibration_tokens is {self.calibration_tokens}"
             )
         damping = self.compensation_damping
-        if not (math.isfinite(damping) and 0 < damping <= 1):
+        if damping is not None and not (math.isfinite(damping) and 0 < damping <= 1):
             raise ValueError(f"compensation_damping must be in (0, 1], got {damping!r}")
         cap = self.compensation_max_inputs
         if cap is not None and cap < 1:
@@ -322,6 +332,13 @@ class QuantizeOptions:
     @property
     def calibrated(self) -> bool:
         return self.calibration is not None
+
+    def damping_for(self, tokens: int, channels: int) -> float:
+        """The damping of an input compensated in runs of at most ``channels`` input channels from ``tokens``
+        calibration tokens: the option when set, else the rule documented at ``compensation_damping``."""
+        if self.compensation_damping is not None:
+            return self.compensation_damping
+        return LOW_DAMPING if tokens >= LOW_DAMPING_TOKENS_PER_CHANNEL * channels else DAMPING
 
     def selects(self, node_name: str) -> tuple[bool, str]:
         """Whether the user's include/exclude lists let ``node_name`` be quantized, and why not."""

@@ -213,3 +213,13 @@ def test_a_preset_on_your_own_text_takes_more_calibration_tokens():
     assert olive({"quality": "balanced", "calibration_tokens": 1024, **dc}) == 1024
     assert olive({"scale_search": True, **dc}) == 2048
     assert olive({"quality": "balanced"}) == 2048
+
+
+def test_unset_damping_is_chosen_by_tokens_per_channel():
+    unset = QuantizeOptions(rounding="compensated", calibration="default")
+    assert unset.compensation_damping is None
+    per_channel = schema.LOW_DAMPING_TOKENS_PER_CHANNEL
+    assert unset.damping_for(per_channel * 1024, 1024) == schema.LOW_DAMPING == 0.01
+    assert unset.damping_for(per_channel * 1024 - 1, 1024) == schema.DAMPING == 0.1
+    explicit = QuantizeOptions(rounding="compensated", calibration="default", compensation_damping=0.3)
+    assert explicit.damping_for(10**6, 64) == explicit.damping_for(16, 8960) == 0.3

@@ -18,11 +18,11 @@ from collections.abc import Callable
 import numpy as np
 
 from olive_int4_pass.kernels import streaming_rtn
-from olive_int4_pass.kernels.gptq import Compensation, compensated_quantize_spans
+from olive_int4_pass.kernels.gptq import Compensation, compensated_quantize_spans, spans
 from olive_int4_pass.kernels.layout import quantized_bytes
 from olive_int4_pass.kernels.rtn import QuantizedWeight, dequantize_blockwise, quantize_blockwise
 from olive_int4_pass.kernels.scale_search import SearchResult, search_scales
-from olive_int4_pass.options import QuantizeOptions
+from olive_int4_pass.options import LOW_DAMPING_TOKENS_PER_CHANNEL, QuantizeOptions
 from olive_int4_pass.plan.activation_store import ActivationStore
 from olive_int4_pass.plan.candidates import ROTATION_MIX_WEIGHT, Candidate, WeightKey
 from olive_int4_pass.plan.compensation_ahead import CompensationAhead
@@ -55,6 +55,7 @@ class QualityPlan:
         # gate/up another): {activation: {run: Factor}}, and how many weights of each are left.
         self._factors: dict[str, dict] = {}
         self.compensation_users: collections.Counter[str] = collections.Counter()
+        self._dampings_said: set[float] = set()  # each damping the rule chose is logged once
 
     def quantize(self, key: WeightKey, candidate: Candidate, bits: int) -> QuantizedWeight:
         """Quantize one weight as planned and record its error."""
@@ -147,6 +148,7 @@ class QualityPlan:
         order = store.act_order(activation) if opts.act_order else None
         factors = self._factors.setdefault(activation, {})
         shared = bool(factors)
+        damping = self._damping(weight.shape[0], store.tokens(activation), name)
         q, info = compensated_quantize_spans(
             weight,
             lambda orders: store.second_moment_blocks(activation, orders),
@@ -155,7 +157,7 @@ class QualityPlan:
             block_size=opts.block_size,
             bits=bits,
             symmetric=opts.is_symmetric,
-            compensation=Compensation(opts.compensation_damping, opts.act_order, opts.compensation_block_rows),
+            compensation=Compensation(damping, opts.act_order, opts.compensation_block_rows),
             scales=None if search is None else search.scales,
             zero_points=None if search is None else search.zero_points,
             factors=factors,
@@ -171,11 +173,32 @@ class QualityPlan:
                 "%s: the input's second moments were singular; damped by %g x mean(diag) instead of %g",
                 name,
                 info.damp,
-                opts.compensation_damping,
+                damping,
             )
         if info.dead_channels:
             logger.info("%s: %d input channels were zero on every calibration token", name, info.dead_channels)
         return q
+
+    def _damping(self, k: int, tokens: int, name: str) -> float:
+        """The damping of a K-input weight (``options.damping_for`` its widest run); a rule's choice is logged once."""
+        opts = self.options
+        channels = max(r1 - r0 for r0, r1 in spans(k, opts.block_size, opts.compensation_span))
+        damping = opts.damping_for(tokens, channels)
+        with self._lock:
+            first = opts.compensation_damping is None and damping not in self._dampings_said
+            self._dampings_said.add(damping)
+        if first:
+            logger.info(
+                "Compensated rounding: damping %g x mean(diag H) where calibration gives %s %d tokens per input"
+                " channel compensated together (first: %s, %d tokens for runs of %d channels)",
+                damping,
+                "at least" if tokens >= LOW_DAMPING_TOKENS_PER_CHANNEL * channels else "fewer than",
+                LOW_DAMPING_TOKENS_PER_CHANNEL,
+                name,
+                tokens,
+                channels,
+            )
+        return damping
 
     def _search(self, weight: np.ndarray, importance: np.ndarray | None, bits: int) -> SearchResult:
         opts = self.options

@@ -273,3 +273,41 @@ def test_with_a_span_the_blocks_of_h_replace_the_kept_inputs(exports, tmp_path, 
     for name, w in rows.items():
         assert blocks[name]["output_relative_error"] == pytest.approx(w["output_relative_error"], rel=0.05, abs=1e-4)
     assert not kept_inputs(private_tmp)
+
+
+def test_unset_damping_follows_the_tokens_per_channel(exports, tmp_path, private_tmp, monkeypatch, caplog):
+    """Unset, the damping is 0.01 for inputs with at least 16 calibration tokens per compensated channel and 0.1
+    below (the earlier default, same bytes); a damping set explicitly applies to every weight."""
+    from olive_int4_pass.plan import weight_plan
+
+    model = exports("qwen2")["fp32-cpu"] / "model.onnx"  # inputs 64 wide (attention, gate/up) and 160 (down)
+    used = {}
+    original = weight_plan.compensated_quantize_spans
+
+    def recorded(weight, *args, compensation, name, **kwargs):
+        used[name] = (weight.shape[0], compensation.damp)
+        return original(weight, *args, compensation=compensation, name=name, **kwargs)
+
+    monkeypatch.setattr(weight_plan, "compensated_quantize_spans", recorded)
+
+    def build(out, **values):
+        used.clear()
+        options = QuantizeOptions(rounding="compensated", calibration="default", **values)
+        quantize_file(model, tmp_path / out, options, progress=False)
+        return dict(used), (tmp_path / out / "model.onnx.data").read_bytes()
+
+    with caplog.at_level("INFO"):
+        many, _ = build("many", calibration_tokens=1024)  # 16 per channel at K = 64, 6.4 at K = 160
+    assert {k for k, _ in many.values()} == {64, 160}
+    assert all(d == (0.01 if k == 64 else 0.1) for k, d in many.values()), many
+    said = [r.getMessage() for r in caplog.records if "Compensated rounding: damping" in r.getMessage()]
+    assert len(said) == 2 and any("0.01 x" in m and "at least 16" in m for m in said), said
+    # a span of 32 channels gives the 160-wide down projections 32 tokens per channel too
+    spanned, _ = build("spanned", calibration_tokens=1024, compensation_span=32)
+    assert {d for _, d in spanned.values()} == {0.01}
+    few, few_bytes = build("few", calibration_tokens=512)
+    assert {d for _, d in few.values()} == {0.1}
+    _, explicit_bytes = build("explicit", calibration_tokens=512, compensation_damping=0.1)
+    assert few_bytes == explicit_bytes
+    chosen, _ = build("chosen", calibration_tokens=1024, compensation_damping=0.05)
+    assert {d for _, d in chosen.values()} == {0.05}
