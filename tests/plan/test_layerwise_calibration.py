@@ -37,6 +37,32 @@ def test_layerwise_second_moments_equal_the_whole_model_ones(exports, target):
         assert (whole[name] > 0).all()
 
 
+def test_a_layers_inputs_are_not_kept_for_every_sequence(exports):
+    """Memory does not grow with the calibration tokens: once a sequence has run through a segment, its watched
+    values (one layer's MatMul inputs) are let go unless a later segment reads them."""
+    import gc
+    import weakref
+
+    model = exports("qwen2")["fp32-cpu"] / "model.onnx"
+    names = matmul_inputs(model)
+    decoder = LayeredDecoder(model, names)
+    read_later = set().union(*(s.inputs for s in decoder.segments))
+    alive: list[tuple[int, str, weakref.ref]] = []
+    seen = []
+
+    def on_value(seq, name, array):
+        gc.collect()
+        # every earlier sequence's watched values that no segment reads are gone already
+        held = [(s, n) for s, n, ref in alive if s < seq and ref() is not None and n not in read_later]
+        assert not held, held
+        alive.append((seq, name, weakref.ref(array)))
+        seen.append((seq, name))
+
+    decoder.run([list(range(3, 60)), list(range(60, 120)), list(range(120, 200))], on_value)
+    assert {n for _, n in seen} == set(names) and {s for s, _ in seen} == {0, 1, 2}
+    assert any(n not in read_later for _, n in seen)  # the test watches values the store could have kept
+
+
 def test_each_segment_holds_one_layer_and_never_the_lm_head(exports):
     model = exports("qwen2", tied=True)["fp32-cpu"] / "model.onnx"
     proto = onnx.load(str(model), load_external_data=False)
