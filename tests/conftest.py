@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tiny_models import run_builder, save_tiny_model
+from tiny_models import run_builders, save_tiny_model
 
 BUILDER_TARGETS = [("fp32", "cpu"), ("int4", "cpu"), ("fp16", "cuda"), ("int4", "cuda")]
 
@@ -22,7 +22,8 @@ def exports(tmp_path_factory):
         if (arch, tied) not in cache:
             root = tmp_path_factory.mktemp(f"{arch}_{'tied' if tied else 'untied'}")
             hf = save_tiny_model(root / "hf", arch, tie_word_embeddings=tied)
-            built = {f"{p}-{e}": run_builder(hf, root / f"{p}-{e}", p, e, root / "cache") for p, e in BUILDER_TARGETS}
+            built = {f"{p}-{e}": root / f"{p}-{e}" for p, e in BUILDER_TARGETS}
+            run_builders([(hf, built[f"{p}-{e}"], p, e, root / "cache") for p, e in BUILDER_TARGETS])
             cache[(arch, tied)] = {"hf": hf, **built}
         return cache[(arch, tied)]
 

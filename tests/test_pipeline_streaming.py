@@ -110,10 +110,18 @@ print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if 
 """
 
 
-def _peak_rss(model: Path, out: Path) -> int:
-    result = subprocess.run([sys.executable, "-c", _PEAK, str(model), str(out)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return int(result.stdout.strip().splitlines()[-1])
+def _peak_rss(*runs: tuple[Path, Path]) -> list[int]:
+    """Each ``(model, out)`` quantized in a process of its own, all at once (VmHWM is per process)."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _PEAK, str(m), str(o)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for m, o in runs
+    ]
+    peaks = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr.decode(errors="replace")[-3000:]
+        peaks.append(int(stdout.decode().strip().splitlines()[-1]))
+    return peaks
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
@@ -129,9 +137,9 @@ def test_peak_memory_stays_flat_as_the_model_grows(tmp_path):
     shallow = bench.build_model(tmp_path / "shallow", dataclasses.replace(shape, layers=2))
     deep = bench.build_model(tmp_path / "deep", dataclasses.replace(shape, layers=10))
     size = {m: (m.parent / DATA_NAME).stat().st_size for m in (shallow, deep)}
-    baseline = _peak_rss(small, tmp_path / "out-small")
-    peak_shallow = _peak_rss(shallow, tmp_path / "out-shallow")
-    peak_deep = _peak_rss(deep, tmp_path / "out-deep")
+    baseline, peak_shallow, peak_deep = _peak_rss(
+        (small, tmp_path / "out-small"), (shallow, tmp_path / "out-shallow"), (deep, tmp_path / "out-deep")
+    )
     added = size[deep] - size[shallow]
     report = (
         f"baseline {baseline / 1e6:.0f} MB, 2 layers {peak_shallow / 1e6:.0f} MB, 10 layers {peak_deep / 1e6:.0f} MB"

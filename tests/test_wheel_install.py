@@ -26,7 +26,7 @@ def test_wheel_carries_the_hook_and_registers_the_pass(tmp_path):
     # line in a .pth file adds the directory without running the .pth files inside it, so the editable install's
     # hook and finder stay out.
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)  # this pip installs
     python = venv / "bin" / "python"
     venv_site = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -36,7 +36,9 @@ def test_wheel_carries_the_hook_and_registers_the_pass(tmp_path):
     ).stdout.strip()
     (Path(venv_site) / "outer_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     installed = subprocess.run(
-        [python, "-m", "pip", "install", "--no-deps", "-q", str(wheel)], capture_output=True, text=True
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+        capture_output=True,
+        text=True,
     )
     assert installed.returncode == 0, installed.stderr[-2000:]
     code = (

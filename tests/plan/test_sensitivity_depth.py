@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tiny_models import run_builder, save_tiny_model
+from tiny_models import run_builders, save_tiny_model
 
 from olive_int4_pass.kernels.rtn import dequantize_blockwise, quantize_blockwise
 from olive_int4_pass.options import QuantizeOptions
@@ -14,9 +14,9 @@ from olive_int4_pass.plan.candidates import plan_graph
 from olive_int4_pass.plan.sensitivity import LayeredImpactProbe, group_by_layer
 
 
-def _export(root, silent_layers=()):
-    """A 4-layer random Qwen2 fp32 export; ``silent_layers`` write nothing to the residual stream (o_proj and
-    down_proj zero), so a change carried across them is exactly what running them gives."""
+def _hf(root, silent_layers=()):
+    """A 4-layer random Qwen2 (its fp32 export is the job returned); ``silent_layers`` write nothing to the residual
+    stream (o_proj and down_proj zero), so a change carried across them is exactly what running them gives."""
     from safetensors.torch import load_file, save_file
 
     hf = save_tiny_model(root / "hf", num_layers=4)
@@ -26,7 +26,7 @@ def _export(root, silent_layers=()):
         for name in (f"model.layers.{i}.self_attn.o_proj.weight", f"model.layers.{i}.mlp.down_proj.weight"):
             tensors[name].zero_()
     save_file(tensors, str(path), metadata={"format": "pt"})
-    return run_builder(hf, root / "fp32", "fp32", "cpu", root / "cache") / "model.onnx"
+    return hf, root / "fp32", "fp32", "cpu", root / "cache"
 
 
 def _measure(model_path, depth):
@@ -48,7 +48,9 @@ def _measure(model_path, depth):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("depth")
-    return {"silent": _export(root / "silent", silent_layers=(1, 2)), "plain": _export(root / "plain")}
+    jobs = {"silent": _hf(root / "silent", silent_layers=(1, 2)), "plain": _hf(root / "plain")}
+    run_builders(list(jobs.values()))
+    return {name: job[1] / "model.onnx" for name, job in jobs.items()}
 
 
 def test_a_carried_change_is_exact_across_layers_that_add_nothing(models, monkeypatch):
