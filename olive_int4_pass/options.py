@@ -248,6 +248,13 @@ class QuantizeOptions:
     compensation_block_rows: int = option(
         128, "Compensated rounding: rows rounded between two updates of the rest (a multiple of block_size)."
     )
+    compensation_sweeps: int = option(
+        0,
+        "Compensated rounding: coordinate-descent sweeps over the levels after GPTQ. Each visits every input row and"
+        " moves each of its levels one step where that lowers the output error under the same damped E[x x^T] (GPTQ"
+        " decides a row once, against the rows not rounded yet). The same format and size; each sweep costs about"
+        " what GPTQ's updates cost. 0: GPTQ's levels as they are.",
+    )
     rotation: str = option(
         "none",
         "'residual': before quantizing, rotate the decoder's residual stream by a seeded random orthogonal matrix"
@@ -315,6 +322,8 @@ class QuantizeOptions:
         span = self.compensation_span
         if span is not None and (span < self.block_size or span % self.block_size):
             raise ValueError(f"compensation_span must be a multiple of block_size ({self.block_size}), got {span}")
+        if self.compensation_sweeps < 0:
+            raise ValueError(f"compensation_sweeps must be at least 0, got {self.compensation_sweeps}")
         rows = self.compensation_block_rows
         if rows < self.block_size or rows % self.block_size:
             raise ValueError(

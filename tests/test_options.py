@@ -41,6 +41,7 @@ NON_DEFAULT = {
     "compensation_damping": (0.05, ["--compensation-damping", "0.05"]),
     "act_order": (False, ["--no-act-order"]),
     "compensation_block_rows": (256, ["--compensation-block-rows", "256"]),
+    "compensation_sweeps": (2, ["--compensation-sweeps", "2"]),
     "compensation_max_inputs": (4096, ["--compensation-max-inputs", "4096"]),
     "compensation_span": (4096, ["--compensation-span", "4096"]),
     "rotation": ("residual", ["--rotation", "residual"]),

@@ -21,7 +21,11 @@ format:
   (``H[k, k] = 0``) gets a unit diagonal, so its row is rounded to nearest and passes no error on; if ``H`` is
   still not positive definite the damping is raised tenfold (up to four times), and the caller is told;
 - levels are rounded exactly as onnxruntime's MLAS kernel rounds (``roundf(fl(w * (1/scale)) + zp)``, clamped),
-  so with a diagonal ``H`` (nothing to compensate) the bytes equal :func:`.rtn.quantize_blockwise`'s.
+  so with a diagonal ``H`` (nothing to compensate) the bytes equal :func:`.rtn.quantize_blockwise`'s;
+- ``sweeps`` > 0 then refines GPTQ's levels by coordinate descent on the same objective under the same damped
+  ``H``: row by row, every level of the row that lowers ``(w - deq)^T H (w - deq)`` by moving one step up or down
+  moves (GPTQ decides each row once, against rows it has not rounded yet; a sweep revisits it against all of
+  them). Each sweep only lowers the objective, and a diagonal ``H`` leaves round to nearest as it is.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ _HALF_BELOW = 0.5 - 2.0**-25  # floor(x + _HALF_BELOW) == roundf(x) for 0 <= x <
 _DAMP_RETRIES = 4
 _BAND_ROWS = 1024
 _BF16 = np.dtype(ml_dtypes.bfloat16)
+_MIN_GAIN = 1e-4  # coordinate descent: the least gain, as a fraction of a move's own d^2 H[r, r], worth a move
 _CHUNK_ELEMENTS = 1 << 26  # float32 weight values per chunk of output channels (256 MB)
 
 # (block [block_size, N] float32, block index) -> (scales [N] in the storage dtype, zero points [N] uint8 or None)
@@ -58,11 +63,13 @@ BlockParams = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray | None]]
 
 @dataclasses.dataclass(frozen=True)
 class Compensation:
-    """GPTQ's knobs: relative damping, activation order, and rows rounded between two lazy updates."""
+    """GPTQ's knobs: relative damping, activation order, rows rounded between two lazy updates, and the
+    coordinate-descent sweeps over the levels afterwards (0: GPTQ's levels as they are)."""
 
     damp: float = 0.1
     act_order: bool = True
     block_rows: int = 128
+    sweeps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +101,7 @@ class Factor:
     perm: object | None  # torch.Tensor of kp row indices, padding rows last
     info: CompensationInfo
     k: int
+    hessian: Callable[[], object] | None = None  # a fresh damped H [kp, kp] in rounding order, for the sweeps
 
 
 def factorize(
@@ -115,16 +123,20 @@ def factorize(
             if sorted(np.asarray(order).tolist()) != list(range(k)):
                 raise ValueError(f"weight {name!r}: order is not a permutation of its {k} input rows")
             perm = torch.cat([torch.as_tensor(np.asarray(order, np.int64)), torch.arange(k, kp)])
-        u, info = _inverse_factor(torch, lambda: _owned(torch, hessian(), k, kp, name), k, kp, compensation.damp, name)
-        return Factor(u, perm, info, k)
-    _check_hessian(hessian, k, name)
-    perm = None
-    if compensation.act_order:  # padding rows (H[k, k] = 0) come last
-        diag = torch.zeros(kp)
-        diag[:k] = torch.as_tensor(np.diagonal(np.asarray(hessian)).astype(np.float32))
-        perm = torch.argsort(diag, descending=True, stable=True)
-    u, info = _inverse_factor(torch, lambda: _padded(torch, hessian, k, kp, perm), k, kp, compensation.damp, name)
-    return Factor(u, perm, info, k)
+        source = functools.partial(lambda h: _owned(torch, h(), k, kp, name), hessian)
+    else:
+        _check_hessian(hessian, k, name)
+        perm = None
+        if compensation.act_order:  # padding rows (H[k, k] = 0) come last
+            diag = torch.zeros(kp)
+            diag[:k] = torch.as_tensor(np.diagonal(np.asarray(hessian)).astype(np.float32))
+            perm = torch.argsort(diag, descending=True, stable=True)
+        source = functools.partial(_padded, torch, hessian, k, kp, perm)
+    u, info = _inverse_factor(torch, source, k, kp, compensation.damp, name)
+    again = None
+    if compensation.sweeps:
+        again = functools.partial(_damped, torch, source, info.damp)
+    return Factor(u, perm, info, k, again)
 
 
 def compensated_quantize(
@@ -186,6 +198,8 @@ def compensated_quantize(
     rows = perm[:k].numpy() if perm is not None else None
     groups = ((perm if perm is not None else torch.arange(kp)) // block_size).tolist()
     q = np.empty((n, n_blocks, block_size), np.uint8)
+    sweeps = compensation.sweeps if factor.hessian is not None else 0
+    h = factor.hessian() if sweeps else None  # damped, in rounding order: one for every chunk
     # Output channels are independent (each is rounded against the same H): a chunk of them at a time bounds the
     # float32 copy of the weight (an lm_head's would be 2.2 GB at 7B) without changing a level.
     width = max(1, min(n, _CHUNK_ELEMENTS // kp))
@@ -195,6 +209,9 @@ def compensated_quantize(
             chunk = _Chunk(torch, weight, rows, kp, c0, c1, out_scales, out_zp, bits, name)
             fixed = scales is not None
             levels = chunk.round(u, groups, block_size, compensation.block_rows, None if fixed else block_params)
+            if sweeps:
+                original = _Chunk(torch, weight, rows, kp, c0, c1, out_scales, out_zp, bits, name)
+                levels = original.refine(levels, h, groups, sweeps, block_size)
             if perm is not None:
                 unpermuted = torch.empty_like(levels)
                 unpermuted[perm] = levels
@@ -345,6 +362,53 @@ class _Chunk:
             self.zero_points[self.c0 : self.c1, g] = zp
             self.offset[g] = torch.from_numpy(zp.astype(np.float32))
 
+    def refine(self, levels, h, groups: list[int], sweeps: int, block_size: int):
+        """Coordinate descent from ``levels`` ``[kp, c]`` (rounding order) on ``sum_c e_c^T H e_c``, ``e = w - deq``.
+
+        Row by row, each level moves one step (up or down, within its range) where that lowers the objective:
+        a change ``d`` of ``e[r]`` changes it by ``2 d g + d^2 H[r, r]`` with ``g = (H e)[r]``. ``G = H e`` is kept
+        up to date lazily: exactly within a block of rows, by one product for the rest after the block.
+        """
+        torch, w = self.torch, self.w  # w: the original weights in rounding order
+        kp, c = w.shape
+        scale = self.s32[groups]  # [kp, c]: each row's block scale
+        offset = self.offset[groups]
+        q = levels.to(torch.float32)
+        e = w - (q - offset) * scale
+        g = h @ e
+        hd = torch.diagonal(h).clone()
+        qmax = float(self.qmax)
+        pending = torch.empty((block_size, c), dtype=torch.float32)
+        for _ in range(sweeps):
+            moved = 0
+            for b0 in range(0, kp, block_size):
+                b1 = min(kp, b0 + block_size)
+                pending.zero_()
+                for r in range(b0, b1):
+                    j = r - b0
+                    gr = g[r] + h[r, b0:r] @ pending[:j] if j else g[r].clone()
+                    s, qr = scale[r], q[r]
+                    best = torch.zeros(c)
+                    gain = torch.zeros(c)
+                    for step in (-1.0, 1.0):
+                        d = -step * s  # e moves opposite to the level
+                        change = d * (2 * gr + d * hd[r])
+                        # a move must gain a little of its own size: float noise (round to nearest's ties under
+                        # MLAS's reciprocal, G's float32 sums) moves nothing
+                        better = (change < gain - _MIN_GAIN * d * d * hd[r]) & (qr + step >= 0) & (qr + step <= qmax)
+                        gain = torch.where(better, change, gain)
+                        best = torch.where(better, torch.full_like(best, step), best)
+                    moving = best != 0
+                    if bool(moving.any()):
+                        moved += int(moving.sum())
+                        qr.add_(best)
+                        pending[j] = -best * s
+                        e[r].add_(pending[j])
+                g.addmm_(h[:, b0:b1], pending[: b1 - b0])
+            if not moved:
+                break
+        return q.to(torch.uint8)
+
     def round(self, u, groups: list[int], block_size: int, step: int, block_params: BlockParams | None):
         """GPTQ over the rows: levels ``[kp, c]`` uint8 (in rounding order). ``block_params``: choose each block's
         parameters when its first row is reached; None: they are fixed.
@@ -397,6 +461,15 @@ class _Chunk:
             if i2 < kp:  # the step's errors onto every row after it
                 w[i2:].addmm_(un[:, m:].T, err_t[:m], alpha=-1)
         return levels
+
+
+def _damped(torch, source, damp: float):
+    """A fresh ``H`` from ``source`` with the damping the factorisation ended with (dead channels at 1, as there)."""
+    h = source()
+    diag = torch.diagonal(h)
+    diag[diag <= 0] = 1.0
+    diag.add_(damp * float(diag.mean()))
+    return h
 
 
 def _as_torch(torch, part: np.ndarray):

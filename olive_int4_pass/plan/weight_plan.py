@@ -157,7 +157,7 @@ class QualityPlan:
             block_size=opts.block_size,
             bits=bits,
             symmetric=opts.is_symmetric,
-            compensation=Compensation(damping, opts.act_order, opts.compensation_block_rows),
+            compensation=Compensation(damping, opts.act_order, opts.compensation_block_rows, opts.compensation_sweeps),
             scales=None if search is None else search.scales,
             zero_points=None if search is None else search.zero_points,
             factors=factors,

@@ -169,6 +169,7 @@ def test_not_enough_disk_is_a_clear_error(exports, tmp_path, private_tmp, monkey
         ({"compensation_damping": 0.0}, "compensation_damping"),
         ({"compensation_damping": float("nan")}, "compensation_damping"),
         ({"compensation_block_rows": 48}, "multiple of block_size"),
+        ({"compensation_sweeps": -1}, "compensation_sweeps must be at least 0"),
         ({"compensation_span": 48}, "compensation_span must be a multiple of block_size"),
         ({"compensation_span": 0}, "compensation_span must be a multiple of block_size"),
         ({"rounding": "gptq"}, "rounding must be one of"),
