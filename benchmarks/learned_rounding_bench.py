@@ -69,6 +69,11 @@ def expand(per_block: torch.Tensor, k: int) -> torch.Tensor:
     return per_block.repeat_interleave(BLOCK, dim=1)[:, :k]
 
 
+def safe(scales: torch.Tensor) -> torch.Tensor:
+    """A divisor for the levels: an all-zero block's scale is 0, its levels anything (they dequantize to 0)."""
+    return torch.where(scales == 0, torch.ones_like(scales), scales)
+
+
 def searched_scales(w: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
     """The package's symmetric searched scales of ``w[N, K]`` (torch layout), ``[N, n_blocks]`` float32."""
     result = search_scales(w.T.contiguous().numpy(), importance.numpy(), block_size=BLOCK, bits=4, symmetric=True)
@@ -86,7 +91,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, damp: float, ro
     mean_diag = torch.diagonal(h).mean()
     perm = torch.argsort(torch.diagonal(h), descending=True)
     inv = torch.argsort(perm)
-    w, s = w[:, perm], expand(scales, k)[:, perm]
+    w, s = w[:, perm], safe(expand(scales, k))[:, perm]
     h = h[perm][:, perm]
     for attempt in range(6):
         try:
@@ -141,7 +146,7 @@ class Learned(torch.nn.Module):
         self.a = torch.nn.Parameter(torch.ones_like(scales))
 
     def levels(self) -> torch.Tensor:
-        x = self.c / expand(self.s * self.a, self.k) + self.v
+        x = self.c / safe(expand(self.s * self.a, self.k)) + self.v
         return torch.clamp(x + (torch.round(x) - x).detach(), QMIN, QMAX)
 
     def weight(self) -> torch.Tensor:
@@ -215,8 +220,8 @@ def second_moments(layer, x: torch.Tensor, kwargs) -> dict[str, torch.Tensor]:
         module = _linear(layer, name)
 
         def add(mod, args, out, name=name):
-            a = args[0].reshape(-1, args[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + a.T @ a
+            a = args[0].reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + (a.T @ a).double()  # float32 products of one window, summed in float64
 
         hooks.append(module.register_forward_hook(add))
     with torch.no_grad():
