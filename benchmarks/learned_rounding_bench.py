@@ -24,7 +24,8 @@ each scored on its own against the float model: perplexity change, KL and top-1 
 ``gptq``. Per layer it prints the seconds of GPTQ and of learning and the pool loss of each. The float model's
 log-probabilities go to ``OUT/ref_logprobs.npy`` (float32; 6 GB for 10 windows of a 152k vocabulary). Peak RSS
 is about twice the float model. Slow on a CPU: measured 15 s per SmolLM2-135M layer and 4-11 minutes per
-Qwen2.5-1.5B layer for 60 steps of 512 tokens on 2 cores.
+Qwen2.5-1.5B layer for 60 steps of 512 tokens on 2 cores. Each finished layer is saved under ``OUT/state``; the
+same command resumes after the last one (other settings are refused), and reuses ``OUT/ref_logprobs.npy``.
 """
 
 from __future__ import annotations
@@ -282,6 +283,19 @@ def learn_layer(layer, kwargs, xq, yf, parts: dict[str, Learned], args) -> tuple
     return before, after, after < before
 
 
+def settings(args) -> dict:
+    """What a saved layer depends on: a resumed run must match it."""
+    keys = ("model", "calibration", "tokens", "window", "steps", "batch", "lr", "loss", "damp")
+    return {k: str(getattr(args, k)) for k in keys}
+
+
+def save(path: Path, obj) -> None:
+    """Write-then-rename, so that a killed run leaves the previous checkpoint whole."""
+    tmp = path.with_suffix(".part")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 def quantize_model(model, tokenizer, args):
     """Returns {param name: dequantized weight} for ``gptq`` and ``learned``, and per-layer logs."""
     text = Path(args.calibration).read_text(encoding="utf-8")
@@ -290,10 +304,25 @@ def quantize_model(model, tokenizer, args):
     xf, kwargs = layer_inputs(model, ids)
     xq = xf.clone()
     gptq_w, learned_w = {}, {}
+    state = Path(args.out) / "state"
+    first = 0
+    if (state / "stream.pt").exists():
+        saved = torch.load(state / "stream.pt")
+        if saved["settings"] != settings(args):
+            raise ValueError(f"{state} holds a run with other settings {saved['settings']}; use another --out")
+        first, xf, xq = saved["next"], saved["xf"], saved["xq"]
+        for i in range(first):
+            done = torch.load(state / f"layer_{i:03d}.pt")
+            gptq_w.update(done["gptq"])
+            learned_w.update(done["learned"])
+        log(f"resumed from {state}: layers 0-{first - 1} done")
+    state.mkdir(parents=True, exist_ok=True)
     layers = model.model.layers
     for i, layer in enumerate(layers):
         if args.layers is not None and i >= args.layers:
             break
+        if i < first:
+            continue
         t0 = time.time()
         sums = second_moments(layer, xf, kwargs)
         with torch.no_grad():
@@ -319,6 +348,12 @@ def quantize_model(model, tokenizer, args):
         with torch.no_grad():
             xq = run_layer(layer, xq, kwargs, args.batch, chosen)
         xf = yf
+        keys = [f"model.layers.{i}.{_path(name)}" for name in LINEARS]
+        save(
+            state / f"layer_{i:03d}.pt",
+            {"gptq": {k: gptq_w[k] for k in keys}, "learned": {k: learned_w[k] for k in keys}},
+        )
+        save(state / "stream.pt", {"settings": settings(args), "next": i + 1, "xf": xf, "xq": xq})
         change = (after / before - 1) * 100 if before > 0 else math.nan
         log(
             f"layer {i}: GPTQ {t1 - t0:.0f} s, learning {t2 - t1:.0f} s; pool loss GPTQ {before:.4g} -> learned "
@@ -343,9 +378,12 @@ def score(model, ids: torch.Tensor, ref_path: Path, make_ref: bool):
     """Per-token NLL, KL and top-1 against the stored float log-probabilities (written when ``make_ref``)."""
     vocab = model.config.vocab_size
     n = ids.shape[1] - 1
+    write_path = ref_path.with_suffix(".part") if make_ref else ref_path
     ref = np.lib.format.open_memmap(
-        ref_path, mode="w+" if make_ref else "r", dtype=np.float32, shape=(len(ids), n, vocab)
+        write_path, mode="w+" if make_ref else "r", dtype=np.float32, shape=(len(ids), n, vocab)
     )
+    if ref.shape != (len(ids), n, vocab):
+        raise ValueError(f"{ref_path} holds shape {ref.shape}, not {(len(ids), n, vocab)}: delete it")
     nll, kl, top1 = [], [], []
     with torch.no_grad():
         for w, row in enumerate(ids):
@@ -359,7 +397,19 @@ def score(model, ids: torch.Tensor, ref_path: Path, make_ref: bool):
             top1.append(top1_agreement(r, lp))
     if make_ref:
         ref.flush()
+        del ref
+        write_path.replace(ref_path)
     return np.concatenate(nll), np.concatenate(kl), np.concatenate(top1)
+
+
+def stored_scores(model, ids: torch.Tensor, ref_path: Path):
+    """The float model's own scores, read from ``ref_path`` instead of running it again."""
+    n = ids.shape[1] - 1
+    ref = np.load(ref_path, mmap_mode="r")
+    if ref.shape != (len(ids), n, model.config.vocab_size):
+        raise ValueError(f"{ref_path} holds shape {ref.shape}, not {(len(ids), n, model.config.vocab_size)}: delete it")
+    nll = [-ref[w][np.arange(n), row[1:].numpy()].astype(np.float64) for w, row in enumerate(ids)]
+    return np.concatenate(nll), np.zeros(len(ids) * n), np.ones(len(ids) * n)
 
 
 def param_of(model, key: str) -> torch.nn.Parameter:
@@ -393,7 +443,10 @@ def evaluate(model, tokenizer, gptq_w, learned_w, args) -> None:
             set_weights(model, {k: rtn_asymmetric(v) for k, v in originals.items()})
         elif weights is not None:
             set_weights(model, weights)
-        results[name] = score(model, ids, ref_path, make_ref=weights is None)
+        if weights is None and ref_path.exists():  # a finished earlier run's float scores (same text and windows)
+            results[name] = stored_scores(model, ids, ref_path)
+        else:
+            results[name] = score(model, ids, ref_path, make_ref=weights is None)
         log(f"scored {name} on {ids.shape[0]} x {ids.shape[1]} tokens in {time.time() - t0:.0f} s")
     ref_nll = results["fp32"][0]
     rtn_change, _ = perplexity_change(results["rtn"][0], ref_nll)
