@@ -26,6 +26,7 @@ log-probabilities go to ``OUT/ref_logprobs.npy`` (float32; 6 GB for 10 windows o
 is about twice the float model. Slow on a CPU: measured 15 s per SmolLM2-135M layer and 4-11 minutes per
 Qwen2.5-1.5B layer for 60 steps of 512 tokens on 2 cores. Each finished layer is saved under ``OUT/state``; the
 same command resumes after the last one (other settings are refused), and reuses ``OUT/ref_logprobs.npy``.
+Each variant's per-token scores go to ``OUT/scores_<variant>.npz`` (nll, kl, top1), to pair runs afterwards.
 """
 
 from __future__ import annotations
@@ -269,6 +270,8 @@ def learn_layer(layer, kwargs, xq, yf, parts: dict[str, Learned], args) -> tuple
                 total += float(loss_of(out, yf[i : i + args.batch])) * len(out)
             return total / len(xq)
 
+    if args.steps == 0:  # GPTQ only
+        return math.nan, math.nan, False
     before = pool_loss()
     gen = torch.Generator().manual_seed(0)
     lr = args.lr if args.lr else 1.0 / args.steps
@@ -447,6 +450,9 @@ def evaluate(model, tokenizer, gptq_w, learned_w, args) -> None:
             results[name] = stored_scores(model, ids, ref_path)
         else:
             results[name] = score(model, ids, ref_path, make_ref=weights is None)
+        np.savez(
+            Path(args.out) / f"scores_{name}.npz", nll=results[name][0], kl=results[name][1], top1=results[name][2]
+        )
         log(f"scored {name} on {ids.shape[0]} x {ids.shape[1]} tokens in {time.time() - t0:.0f} s")
     ref_nll = results["fp32"][0]
     rtn_change, _ = perplexity_change(results["rtn"][0], ref_nll)
@@ -474,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="learned_rounding_out", help="folder for the float log-probabilities")
     parser.add_argument("--tokens", type=int, default=16384, help="calibration tokens")
     parser.add_argument("--window", type=int, default=256, help="calibration window length")
-    parser.add_argument("--steps", type=int, default=60, help="optimiser steps per layer")
+    parser.add_argument("--steps", type=int, default=60, help="optimiser steps per layer (0: GPTQ only)")
     parser.add_argument("--batch", type=int, default=2, help="windows per step")
     parser.add_argument("--lr", type=float, default=0.0, help="first step (default 1 / steps); scales get a tenth")
     parser.add_argument("--loss", choices=("mse", "norm"), default="mse", help="plain MSE or per-channel 1/E[y^2]")
