@@ -16,7 +16,7 @@ and the lm_head (tied: the shared table):
   the float layer fed the float model's hidden states (``--loss norm``: each output channel's error over its
   ``E[y^2]``). A layer keeps the learned weights only where that loss falls over the whole calibration pool; the
   lm_head keeps GPTQ's;
-- ``rtn``: the reference round to nearest (asymmetric, as the builder's ``-p int4``), for the "of RTN's" ratios.
+- ``rtn``: the reference round to nearest (symmetric, the builder's ``-p int4``), for the "of RTN's" ratios.
 
 Scoring (skipped with ``--no-eval``): ``--eval-windows`` windows of ``--eval-window`` tokens of the eval text,
 each scored on its own against the float model: perplexity change, KL and top-1 agreement with ``olive_int4_pass
@@ -125,17 +125,18 @@ def dequantize(stored: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return expand(scales, levels.shape[1]) * levels.float()
 
 
-def rtn_asymmetric(w: torch.Tensor) -> torch.Tensor:
-    """The reference round to nearest (onnxruntime's asymmetric block-32 RTN), dequantized."""
+def rtn_symmetric(w: torch.Tensor) -> torch.Tensor:
+    """The reference round to nearest (symmetric, block 32: the builder's ``-p int4``), dequantized."""
     n, k = w.shape
     pad = (-k) % BLOCK
     b = torch.nn.functional.pad(w, (0, pad)).view(n, -1, BLOCK)
-    lo, hi = b.amin(-1).clamp(max=0), b.amax(-1).clamp(min=0)
-    scale = (hi - lo) / 15
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    zp = torch.clamp(torch.round(-lo / scale), 0, 15)
-    q = torch.clamp(torch.round(b / scale[..., None]) + zp[..., None], 0, 15)
-    return ((q - zp[..., None]) * scale[..., None]).view(n, -1)[:, :k]
+    # The value of largest magnitude, with its sign, over -8: the signed scale onnxruntime writes.
+    peak = b.gather(-1, b.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    scale = peak / -8
+    inv = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
+    x = b * inv[..., None]
+    q = torch.clamp(torch.sign(x) * torch.floor(x.abs() + 0.5) + 8, 0, 15)  # roundf: half away from zero
+    return ((q - 8) * scale[..., None]).view(n, -1)[:, :k]
 
 
 class Learned(torch.nn.Module):
@@ -446,7 +447,7 @@ def evaluate(model, tokenizer, gptq_w, learned_w, args) -> None:
             with torch.no_grad():
                 for key in gptq_w:
                     param = param_of(model, key)
-                    param.copy_(rtn_asymmetric(param))
+                    param.copy_(rtn_symmetric(param))
         elif weights is not None:
             set_weights(model, weights)
         if weights is None and ref_path.exists():  # a finished earlier run's float scores (same text and windows)
