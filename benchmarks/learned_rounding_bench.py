@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     model.eval()
     gptq_w, learned_w = quantize_model(model, tokenizer, args)
     if args.no_eval or args.layers is not None:
